@@ -1,0 +1,49 @@
+"""Backends that run one MicroAdam step over a list of shards.
+
+A backend is a function `run(jobs, hp)` taking a list of `ShardJob` of one param
+group and the group's `StepHyper`. The reference backend is `reference.step_shard`
+applied to each job; a fused backend may launch one kernel for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..layout import Layout
+from . import reference
+from .reference import StepHyper
+
+
+class ShardJob(NamedTuple):
+    """One tensor's work in a step: param and grad are any shape (viewed flat), state per layout.py."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+    layout: Layout
+    name: str
+
+
+def run_reference(jobs: list[ShardJob], hp: StepHyper) -> None:
+    for job in jobs:
+        reference.step_shard(job.param, job.grad, job.state, job.layout, hp)
+
+
+def select_backend(name: str, device: torch.device) -> tuple[str, Callable[[list[ShardJob], StepHyper], None]]:
+    """Resolve "auto" | "reference" | "cuda" for tensors on `device` -> (name, runner)."""
+    if name == "reference" or (name == "auto" and device.type != "cuda"):
+        return "reference", run_reference
+    try:
+        from . import cuda as cuda_ops  # noqa: F401  (present once the kernels land)
+    except ImportError as exc:
+        if name == "cuda":
+            raise RuntimeError(
+                f"backend='cuda' was requested but the CUDA backend is unavailable ({exc}); "
+                "use backend='reference' or 'auto'") from exc
+        return "reference", run_reference
+    return cuda_ops.resolve(name, device, run_reference)
+
+
+__all__ = ["ShardJob", "StepHyper", "run_reference", "select_backend", "reference"]

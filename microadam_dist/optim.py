@@ -1,0 +1,247 @@
+"""`MicroAdam`: the torch.optim.Optimizer users construct.
+
+It validates hyper-parameters, owns per-tensor state (layout.py), checks gradients,
+and hands each param group's shards to a backend (ops/). The math lives in
+ops/reference.py (the spec) and csrc/ (the fused kernels), not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .config import MicroAdamConfig, normalize_kwargs
+from .layout import STATE_KEYS, Layout
+from .ops import ShardJob, StepHyper, select_backend
+
+RESHARD_HINT = ("to move a checkpoint to another world size or sharding, run "
+                "`python -m microadam_dist.checkpoint reshard --src OLD --dst NEW --world-size N` "
+                "(docs/checkpoints.md)")
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+class MicroAdam(torch.optim.Optimizer):
+    """MicroAdam (arXiv 2405.15593): Adam moments rebuilt from a window of m top-k
+    gradients, with a 4-bit error feedback. State is ~0.9 bytes/param at m=10, density 1%.
+
+    Args:
+        params: iterable of tensors or param-group dicts (each group may override any
+            hyper-parameter below).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
+        m: window rows (sparse gradients remembered).
+        density: fraction of each top-k block kept per step (alias ``k_init``).
+        topk_block: elements per top-k block, <= 32768.
+        quant_block: elements per EF quantization block (alias ``quant_block_size``).
+        ef_rounding: "nearest" or "stochastic".
+        nonfinite: "skip" (leave params and state untouched for a step with a
+            non-finite gradient and count it), "raise", or "off".
+        backend: "auto", "reference" or "cuda".
+
+    Params and grads may be float32, bfloat16 or float16 and of any shape; each
+    tensor is treated as one flat shard. Sparse and complex gradients are rejected.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, m: int = 10, density: float | None = None,
+                 topk_block: int = 4096, quant_block: int | None = None,
+                 ef_rounding: str = "nearest", nonfinite: str = "skip", backend: str = "auto",
+                 **aliases: Any) -> None:
+        given = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m,
+                     topk_block=topk_block, ef_rounding=ef_rounding, nonfinite=nonfinite,
+                     backend=backend)
+        if density is not None:
+            given["density"] = density
+        if quant_block is not None:
+            given["quant_block"] = quant_block
+        given.update(aliases)
+        config = MicroAdamConfig.from_kwargs(**given)
+        self.nonfinite_skips = 0
+        super().__init__(params, config.as_dict())
+
+    # -- param groups ---------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        hyper = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        group = {k: v for k, v in param_group.items() if k in ("params", "param_names")}
+        group.update(normalize_kwargs(hyper))
+        super().add_param_group(group)
+        self._group_config(self.param_groups[-1], len(self.param_groups) - 1)
+
+    def _group_config(self, group: dict[str, Any], index: int) -> MicroAdamConfig:
+        try:
+            return MicroAdamConfig(**{k: group[k] for k in MicroAdamConfig.field_names()})
+        except ValueError as exc:
+            raise ValueError(f"param_groups[{index}]: {exc}") from None
+
+    @staticmethod
+    def _param_name(group: dict[str, Any], gi: int, pi: int, p: torch.Tensor) -> str:
+        names = group.get("param_names")
+        label = f"{names[pi]!r} " if names else ""
+        return f"{label}(param_groups[{gi}]['params'][{pi}], shape {tuple(p.shape)}, {p.dtype})"
+
+    # -- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step over every param with a gradient. Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work: list[tuple[MicroAdamConfig, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]]]] = []
+        for gi, group in enumerate(self.param_groups):
+            config = self._group_config(group, gi)
+            items = []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None or p.numel() == 0:
+                    continue
+                name = self._param_name(group, gi, pi, p)
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"MicroAdam does not support sparse gradients: {name}")
+                if p.is_complex() or grad.is_complex():
+                    raise RuntimeError(f"MicroAdam does not support complex params or gradients: {name}")
+                if grad.shape != p.shape:
+                    raise RuntimeError(f"gradient shape {tuple(grad.shape)} differs from its param: {name}")
+                items.append((p, local_tensor(p), local_tensor(grad), name))
+            if items:
+                work.append((config, items))
+
+        if not self._gradients_ok(work):
+            self.nonfinite_skips += 1
+            return loss
+
+        for config, items in work:
+            hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
+                           eps=float(config.eps), weight_decay=float(config.weight_decay),
+                           ef_rounding=config.ef_rounding)
+            by_device: dict[torch.device, list[ShardJob]] = {}
+            for p, p_local, g_local, name in items:
+                if p_local.numel() == 0:  # e.g. an FSDP rank that holds no part of this param
+                    continue
+                state = self._state_for(p, p_local, config, name)
+                state["step"] += 1
+                by_device.setdefault(p_local.device, []).append(
+                    ShardJob(p_local, g_local, state, Layout.from_tensor(state["layout"]), name))
+            for device, jobs in by_device.items():
+                _, run = select_backend(config.backend, device)
+                run(jobs, hp)
+        return loss
+
+    def _state_for(self, p: torch.Tensor, p_local: torch.Tensor, config: MicroAdamConfig,
+                   name: str) -> dict:
+        expected = Layout.for_numel(p_local.numel(), config)
+        state = self.state[p]
+        if not state:
+            state.update(expected.new_state(p_local.device))
+            return state
+        have = Layout.from_tensor(state["layout"])
+        if have != expected:
+            raise RuntimeError(
+                f"MicroAdam state of {name} has layout [{have.describe()}] but the param and "
+                f"its group now need [{expected.describe()}]; {RESHARD_HINT}")
+        return state
+
+    def _gradients_ok(self, work) -> bool:
+        """False when the step must be skipped; raises in "raise" mode. One host sync."""
+        checked = [(config, g, name) for config, items in work if config.nonfinite != "off"
+                   for _, _, g, name in items]
+        if not checked:
+            return True
+        # float64 sums: no d-sized temporary, no overflow for finite fp32/bf16/fp16 values.
+        by_device: dict[torch.device, list] = {}
+        for entry in checked:
+            by_device.setdefault(entry[1].device, []).append(entry)
+        order = [e for entries in by_device.values() for e in entries]
+        finite = torch.cat([torch.isfinite(torch.stack([g.sum(dtype=torch.float64) for _, g, _ in es])).cpu()
+                            for es in by_device.values()])
+        if bool(finite.all()):
+            return True
+        bad = [(config, name) for (config, _, name), ok in zip(order, finite.tolist()) if not ok]
+        raising = [name for config, name in bad if config.nonfinite == "raise"]
+        if raising:
+            raise FloatingPointError(
+                f"MicroAdam: non-finite gradient in {raising[0]}"
+                + (f" and {len(raising) - 1} more" if len(raising) > 1 else "")
+                + "; params and state are unchanged (nonfinite='raise')")
+        return False
+
+    # -- state dict ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["microadam"] = {"format": 1, "nonfinite_skips": self.nonfinite_skips}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load after validating every entry; a rejected state leaves the optimizer untouched.
+
+        The stock loader casts floating state to the param dtype; MicroAdam's state has
+        fixed dtypes (fp32 EF range, bf16 window), so the saved tensors are restored as saved.
+        """
+        pairs = self._check_loadable(state_dict)
+        saved = state_dict["state"]
+        extra = state_dict.get("microadam", {})
+        super().load_state_dict(state_dict)
+        for key, p in pairs:
+            if key in saved:
+                device = local_tensor(p).device
+                self.state[p] = {k: _place(k, v, device) for k, v in saved[key].items()}
+        self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> list[tuple[Any, torch.Tensor]]:
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer "
+                             f"has {len(self.param_groups)}")
+        pairs = []
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"param_groups[{gi}] holds {len(sg['params'])} params in the state "
+                                 f"dict and {len(g['params'])} in the optimizer")
+            merged = dict(g)
+            merged.update({k: v for k, v in sg.items() if k != "params"})
+            config = self._group_config(merged, gi)
+            for pi, (key, p) in enumerate(zip(sg["params"], g["params"])):
+                pairs.append((key, p))
+                st = state_dict["state"].get(key)
+                if st is None:
+                    continue
+                name = self._param_name(g, gi, pi, p)
+                _check_entry(st, Layout.for_numel(local_tensor(p).numel(), config), name)
+        return pairs
+
+
+def _check_entry(st: dict, expected: Layout, name: str) -> None:
+    missing = [k for k in STATE_KEYS if k not in st]
+    if missing:
+        raise ValueError(f"MicroAdam state of {name} lacks {missing}; not a MicroAdam state "
+                         f"(layout version {expected.version}) or a truncated one")
+    have = Layout.from_tensor(st["layout"])
+    if have != expected:
+        raise ValueError(f"MicroAdam state of {name} was saved with layout [{have.describe()}] "
+                         f"but this run needs [{expected.describe()}]; {RESHARD_HINT}")
+    for k, (dtype, shape) in expected.expected_specs().items():
+        t = st[k]
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"MicroAdam state {k!r} of {name} is {got}, expected {dtype} {shape}: "
+                             "corrupt checkpoint")
+
+
+def _place(key: str, value: Any, device: torch.device) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key in ("step", "layout"):
+        return value.detach().to("cpu", copy=True)
+    return value.detach().to(device, copy=True)
+
+
+__all__ = ["MicroAdam", "local_tensor", "RESHARD_HINT"]
