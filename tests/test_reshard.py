@@ -1,0 +1,253 @@
+"""Resharding the state of one flat tensor: conservation, exactness, errors.
+
+The oracle decodes states independently (numpy, float64) from the byte layout of
+docs/algorithm.md, not through microadam_dist.ops.reference; source states come from
+running the optimizer a few steps on fresh random gradients over the source shards.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from microadam_dist import Layout, MicroAdam, MicroAdamConfig
+from microadam_dist.checkpoint.reshard import (ReshardError, ShardState, consolidate_tensor, even_ranges,
+                                               reshard_tensor, split_tensor)
+
+
+def random_ranges(n, world, rng):
+    """world shards tiling [0, n) at random cut points (some may be empty)."""
+    cuts = sorted(rng.randint(0, n) for _ in range(world - 1))
+    bounds = [0] + cuts + [n]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(world)]
+
+
+def trained_shards(n, ranges, cfg, steps, rounding="nearest"):
+    params = [torch.zeros(k, requires_grad=True) for _, k in ranges]
+    opt = MicroAdam([p for p in params if p.numel()], lr=cfg.lr, m=cfg.m, density=cfg.density,
+                    topk_block=cfg.topk_block, quant_block=cfg.quant_block, ef_rounding=rounding,
+                    backend="reference")
+    scale = torch.rand(n) * 3  # element-dependent magnitudes so that top-k is not uniform
+    for _ in range(steps):
+        g = torch.randn(n) * scale
+        for (o, k), p in zip(ranges, params):
+            p.grad = g[o:o + k].clone()
+        opt.step()
+    return [ShardState(o, k, opt.state[p] if k else {}) for (o, k), p in zip(ranges, params)]
+
+
+# -- independent decoding (float64) --------------------------------------------------------
+
+def decode_ef(st, n):
+    lay = st["layout"].numpy()
+    q = int(lay[5])
+    b = st["ef"].numpy().astype(np.int64)
+    codes = np.empty(2 * b.size, dtype=np.int64)
+    codes[0::2], codes[1::2] = b & 15, b >> 4
+    codes = codes[:n]
+    lo = np.repeat(st["ef_min"].numpy().astype(np.float64), q)[:n]
+    hi = np.repeat(st["ef_max"].numpy().astype(np.float64), q)[:n]
+    step = (hi - lo) / 15.0
+    return lo + codes * step, step
+
+
+def decode_window(st, offset, n):
+    """{(global index, age): value} of every written slot, plus the written-slot count."""
+    _, _, B, kb, kl, _, m = [int(x) for x in st["layout"].tolist()]
+    t = int(st["step"])
+    nb = -(-n // B)
+    ks = [kb] * (nb - 1) + [kl]
+    block_of = np.repeat(np.arange(nb), ks)
+    idx = st["win_idx"].numpy().astype(np.int64)
+    val = st["win_val"].to(torch.float64).numpy()
+    entries, slots = {}, 0
+    for r in range(min(t, m)):
+        age = (t - 1 - r) % m
+        g = offset + block_of * B + idx[r]
+        for gi, v in zip(g.tolist(), val[r].tolist()):
+            slots += 1
+            if v != 0.0:
+                assert (gi, age) not in entries, "two nonzero entries with one index and age"
+                entries[(gi, age)] = v
+    return entries, slots
+
+
+def decode_all(shards, n):
+    ef = np.zeros(n)
+    qstep = np.zeros(n)
+    entries, slots = {}, 0
+    for s in shards:
+        if not s.numel:
+            continue
+        e, q = decode_ef(s.state, s.numel)
+        ef[s.offset:s.offset + s.numel] = e
+        qstep[s.offset:s.offset + s.numel] = q
+        w, k = decode_window(s.state, s.offset, s.numel)
+        entries.update(w)
+        slots += k
+    return ef, qstep, entries, slots
+
+
+def check_conservation(src, dst_states, dst_ranges, n, rep, betas=(0.9, 0.999)):
+    ef0, _, before, slots0 = decode_all(src, n)
+    after_shards = [ShardState(o, k, st) for (o, k), st in zip(dst_ranges, dst_states)]
+    ef1, qstep1, after, _ = decode_all(after_shards, n)
+    # Every nonzero entry after is a source entry with the same index, age and value.
+    for key, v in after.items():
+        assert key in before and before[key] == v, key
+    folded = {key: v for key, v in before.items() if key not in after}
+    # Counts: the report accounts for every written slot; nothing nonzero vanished.
+    assert rep.entries_in == slots0
+    assert rep.entries_kept + rep.entries_folded == rep.entries_in
+    assert len(after) + len(folded) == len(before)
+    assert rep.entries_folded >= len(folded)
+    fold_sum = np.zeros(n)
+    for (gi, _), v in folded.items():
+        fold_sum[gi] += v
+    # EF after = EF before + folded mass, within one quantization step of the new block
+    # (half a step for nearest rounding; slack of a few float32 ulps of the block range,
+    # since the quantizer and the sum run in float32).
+    err = np.abs(ef1 - (ef0 + fold_sum))
+    slack = 2e-6 * (np.abs(ef0) + np.abs(fold_sum) + 15 * qstep1)
+    assert np.all(err <= 0.5 * qstep1 + slack), float((err - 0.5 * qstep1).max())
+    # The moment sums as the update weights them: kept + folded == before, per element.
+    for beta in betas:
+        for power in (1, 2):
+            def acc(entries):
+                out = np.zeros(n)
+                for (gi, age), v in entries.items():
+                    out[gi] += beta ** age * v ** power
+                return out
+            np.testing.assert_allclose(acc(after) + acc(folded), acc(before), rtol=1e-12, atol=0)
+
+
+CONFIGS = [
+    dict(m=4, density=0.05, topk_block=64, quant_block=50),
+    dict(m=3, density=0.2, topk_block=16, quant_block=7),
+    dict(m=5, density=0.01, topk_block=300, quant_block=128),
+]
+
+
+@pytest.mark.parametrize("cfg_kw", CONFIGS)
+@pytest.mark.parametrize("src_world,dst_world", [(2, 1), (2, 3), (4, 2), (3, 4)])
+def test_conservation_across_world_sizes(seed, cfg_kw, src_world, dst_world):
+    rng = random.Random(seed)
+    n = rng.randint(200, 2500)
+    cfg = MicroAdamConfig(**cfg_kw)
+    src_ranges = random_ranges(n, src_world, rng)
+    src = trained_shards(n, src_ranges, cfg, steps=rng.randint(1, 2 * cfg.m + 1))
+    dst_ranges = even_ranges(n, dst_world)
+    states, rep = reshard_tensor(src, n, dst_ranges, cfg)
+    check_conservation(src, states, dst_ranges, n, rep)
+    for (o, k), st in zip(dst_ranges, states):
+        if k:
+            assert int(st["step"]) == int(next(s for s in src if s.numel).state["step"])
+
+
+@pytest.mark.parametrize("change", [dict(m=2), dict(m=7), dict(density=0.5), dict(topk_block=24),
+                                    dict(quant_block=300)])
+def test_conservation_under_new_config(seed, change):
+    rng = random.Random(seed)
+    n = rng.randint(300, 1500)
+    cfg = MicroAdamConfig(m=4, density=0.1, topk_block=40, quant_block=33)
+    src_ranges = random_ranges(n, 3, rng)
+    src = trained_shards(n, src_ranges, cfg, steps=6, rounding="stochastic")
+    new = MicroAdamConfig(**{**cfg.as_dict(), **change})
+    dst_ranges = even_ranges(n, 2)
+    states, rep = reshard_tensor(src, n, dst_ranges, new)
+    check_conservation(src, states, dst_ranges, n, rep)
+    if new.m < cfg.m:
+        assert rep.entries_folded > 0  # ages beyond the new window must be folded, not dropped
+
+
+def test_identity_reshard_is_bitwise(seed):
+    rng = random.Random(seed)
+    n = rng.randint(100, 3000)
+    cfg = MicroAdamConfig(m=3, density=0.1, topk_block=rng.randint(8, 200), quant_block=rng.randint(5, 300))
+    ranges = random_ranges(n, rng.randint(1, 4), rng)
+    src = trained_shards(n, ranges, cfg, steps=5)
+    states, rep = reshard_tensor(src, n, ranges, cfg)
+    assert rep.entries_folded == 0 and rep.filler == 0 and rep.ef_blocks_requantized == 0
+    for s, st in zip(src, states):
+        assert set(st) == set(s.state)
+        for k in st:
+            assert torch.equal(st[k], s.state[k]), k
+
+
+def test_aligned_consolidate_and_split_back_is_bitwise(seed):
+    rng = random.Random(seed)
+    cfg = MicroAdamConfig(m=4, density=0.1, topk_block=32, quant_block=16)
+    per = [32 * rng.randint(1, 6) for _ in range(3)]
+    ranges = [(sum(per[:i]), per[i]) for i in range(3)]
+    n = sum(per) - rng.randint(0, 20)  # the last shard may end in a partial block
+    ranges[-1] = (ranges[-1][0], n - ranges[-1][0])
+    src = trained_shards(n, ranges, cfg, steps=6)
+    whole, rep1 = consolidate_tensor(src, n, cfg)
+    assert rep1.entries_folded == 0
+    check_conservation(src, [whole], [(0, n)], n, rep1)
+    back, rep2 = split_tensor(whole, n, ranges, cfg)
+    assert rep2.entries_folded == 0
+    for s, st in zip(src, back):
+        for k in st:
+            assert torch.equal(st[k], s.state[k]), k
+
+
+def test_resharded_state_loads_and_steps(seed):
+    """Destination states are valid MicroAdam states: they load, and a step from them
+    equals a step of the reference on the dense state they decode to (nothing folded)."""
+    rng = random.Random(seed)
+    n = 64 * 12
+    cfg = MicroAdamConfig(m=3, density=0.05, topk_block=64, quant_block=64)
+    src = trained_shards(n, [(0, 64 * 4), (64 * 4, 64 * 8)], cfg, steps=4)
+    dst = [(0, 64 * 6), (64 * 6, 64 * 6)]
+    states, rep = reshard_tensor(src, n, dst, cfg)
+    assert rep.entries_folded == 0
+    params = [torch.randn(k, requires_grad=True) for _, k in dst]
+    opt = MicroAdam(params, m=3, density=0.05, topk_block=64, quant_block=64, backend="reference")
+    sd = opt.state_dict()
+    sd["state"] = {i: st for i, st in enumerate(states)}
+    opt.load_state_dict(sd)
+    g = torch.randn(n)
+    before = [p.detach().clone() for p in params]
+    for (o, k), p in zip(dst, params):
+        p.grad = g[o:o + k].clone()
+    opt.step()
+    assert all(int(opt.state[p]["step"]) == 5 for p in params)
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_zero_step_and_empty_shards():
+    cfg = MicroAdamConfig(m=2, density=0.1, topk_block=8, quant_block=8)
+    n = 20
+    src = [ShardState(0, 20, Layout.for_numel(20, cfg).new_state("cpu")), ShardState(20, 0, {})]
+    states, rep = reshard_tensor(src, n, even_ranges(n, 3), cfg)
+    assert rep.entries_in == 0
+    assert [int(st["step"]) for st in states] == [0, 0, 0]
+    states, _ = reshard_tensor(src, n, [(0, 0), (0, 20), (20, 0)], cfg)
+    assert states[0] == {} and states[2] == {}
+
+
+def test_errors_name_the_problem(seed):
+    cfg = MicroAdamConfig(m=2, density=0.1, topk_block=16, quant_block=16)
+    n = 100
+    src = trained_shards(n, [(0, 50), (50, 50)], cfg, steps=3)
+    with pytest.raises(ReshardError, match="overlap"):
+        reshard_tensor([src[0], ShardState(40, 60, src[1].state)], n, [(0, n)], cfg)
+    with pytest.raises(ReshardError, match="gap"):
+        reshard_tensor(src, n, [(0, 40), (50, 50)], cfg)
+    with pytest.raises(ReshardError, match="cover"):
+        reshard_tensor(src, n + 5, [(0, n + 5)], cfg)
+    late = dict(src[1].state, step=torch.tensor(7))
+    with pytest.raises(ReshardError, match="different steps"):
+        reshard_tensor([src[0], ShardState(50, 50, late)], n, [(0, n)], cfg)
+    bad = dict(src[1].state, win_idx=src[1].state["win_idx"].clone())
+    bad["win_idx"][0, 0] = 1000
+    with pytest.raises(ReshardError, match="corrupt"):
+        reshard_tensor([src[0], ShardState(50, 50, bad)], n, [(0, n)], cfg)
+    wrong = dict(src[1].state, ef_min=src[1].state["ef_min"].double())
+    with pytest.raises(ReshardError, match="ef_min"):
+        reshard_tensor([src[0], ShardState(50, 50, wrong)], n, [(0, n)], cfg)
+    with pytest.raises(ValueError, match="world_size"):
+        even_ranges(10, 0)
