@@ -60,9 +60,13 @@ class MicroAdamConfig:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2), each in [0, 1)")
         for i, b in enumerate(betas):
-            _check_real(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+            try:
+                _check_real(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (betas={tuple(betas)!r})") from None
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
-        _check_real("eps", self.eps, low=0.0)
+        # > 0: entries outside the window have m_hat = v_hat = 0, and 0/(0 + eps) must be 0.
+        _check_real("eps", self.eps, low=0.0, low_open=True)
         _check_real("weight_decay", self.weight_decay, low=0.0)
         _check_int("m", self.m, 1, MAX_WINDOW)
         _check_real("density", self.density, low=0.0, high=1.0, low_open=True)

@@ -1,0 +1,285 @@
+"""MicroAdam's public behaviour: validation, state size, state_dict, gradients, dtypes."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import oracle
+from microadam_dist import Layout, MicroAdam, MicroAdamConfig, state_bytes
+
+
+def state_nbytes(opt):
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+
+
+def snapshot(params, opt):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if opt.state[p]})
+
+
+def assert_same(snap_a, snap_b):
+    for x, y in zip(snap_a[0], snap_b[0]):
+        assert torch.equal(x, y)
+    assert snap_a[1].keys() == snap_b[1].keys()
+    for key in snap_a[1]:
+        for k in snap_a[1][key]:
+            assert torch.equal(snap_a[1][key][k], snap_b[1][key][k]), k
+
+
+# -- hyper-parameters ---------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("lr", -1e-3, "[0.0, inf]"), ("lr", float("nan"), "lr"), ("betas", (0.9, 1.0), "betas[1]"),
+    ("betas", (-0.1, 0.9), "betas[0]"), ("betas", 0.9, "pair"), ("eps", -1.0, "eps"), ("eps", 0.0, "(0.0, inf]"),
+    ("weight_decay", -0.1, "weight_decay"), ("m", 0, "[1, 1024]"), ("m", 2.5, "integer"),
+    ("density", 0.0, "(0.0, 1.0]"), ("density", 1.5, "density"), ("topk_block", 40000, "int16"),
+    ("topk_block", 0, "topk_block"), ("quant_block", 0, "quant_block"),
+    ("ef_rounding", "up", "'nearest', 'stochastic'"), ("nonfinite", "ignore", "nonfinite"),
+    ("backend", "triton", "backend"), ("k_init", -0.5, "density"), ("quant_block_size", -3, "quant_block"),
+])
+def test_invalid_hyperparameter_names_field_value_and_range(field, value, fragment):
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError) as err:
+        MicroAdam([p], **{field: value})
+    msg = str(err.value)
+    assert fragment in msg and repr(value) in msg
+
+
+def test_invalid_group_value_names_the_group():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*Invalid m: -2"):
+        MicroAdam([{"params": [a]}, {"params": [b], "m": -2}])
+
+
+def test_unknown_and_doubled_names():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises((TypeError, ValueError), match="momentum"):
+        MicroAdam([p], momentum=0.9)
+    with pytest.raises(ValueError, match="given twice"):
+        MicroAdam([p], density=0.01, k_init=0.02)
+
+
+def test_published_aliases_mean_our_names():
+    p = torch.nn.Parameter(torch.zeros(3))
+    g = MicroAdam([p], k_init=0.05, quant_block_size=128).param_groups[0]
+    assert g["density"] == 0.05 and g["quant_block"] == 128
+    assert "k_init" not in g and "quant_block_size" not in g
+
+
+# -- memory -------------------------------------------------------------------------
+
+def test_state_of_10m_params_matches_state_bytes_and_is_under_0905_bytes(seed):
+    shapes = [(4096, 1024), (1024, 4096), (1536, 1100), (7, 33), (1000,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    numel = sum(p.numel() for p in params)
+    assert numel >= 10_000_000
+    opt = MicroAdam(params, m=10, density=0.01)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    allocated = state_nbytes(opt)
+    assert allocated == state_bytes([p.numel() for p in params], m=10, density=0.01)
+    assert allocated / numel <= 0.905
+    # and the formula of docs/algorithm.md, computed independently
+    expect = 0
+    for p in params:
+        n = p.numel()
+        ks = sum(oracle.k_for(0.01, min(4096, n - s)) for s in range(0, n, 4096))
+        expect += (n + 1) // 2 + 8 * -(-n // 4096) + 10 * ks * 4 + 64
+    assert allocated == expect
+
+
+def test_state_bytes_validates_and_accepts_lists():
+    assert state_bytes(0) == 0
+    assert state_bytes([100, 200], m=3) == state_bytes(100, m=3) + state_bytes(200, m=3)
+    with pytest.raises(ValueError, match="density"):
+        state_bytes(100, density=2.0)
+
+
+# -- state_dict -------------------------------------------------------------------
+
+def _model_and_opt(seed, **kw):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 7), (1001,), (5,)]]
+    return params, MicroAdam(params, lr=1e-2, m=4, density=0.05, topk_block=256, quant_block=100, **kw)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_state_dict_round_trip_resumes_bitwise(seed, rounding):
+    grads = [[torch.randn(s) for s in [(300, 7), (1001,), (5,)]] for _ in range(12)]
+    pa, oa = _model_and_opt(seed, ef_rounding=rounding)
+    for t in range(6):
+        for p, g in zip(pa, grads[t]):
+            p.grad = g.clone()
+        oa.step()
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in pa], "opt": oa.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    pb, ob = _model_and_opt(seed + 1, ef_rounding=rounding)
+    with torch.no_grad():
+        for p, v in zip(pb, saved["params"]):
+            p.copy_(v)
+    ob.load_state_dict(saved["opt"])
+    assert ob.state[pb[0]]["ef_min"].dtype == torch.float32
+    for t in range(6, 12):
+        for p, q, g in zip(pa, pb, grads[t]):
+            p.grad, q.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        for p, q in zip(pa, pb):
+            assert torch.equal(p, q)
+            assert oa.state[p].keys() == ob.state[q].keys()
+            for k in oa.state[p]:
+                assert torch.equal(oa.state[p][k], ob.state[q][k]), k
+
+
+def test_loading_another_layout_is_refused_and_changes_nothing(seed):
+    src = torch.nn.Parameter(torch.randn(1000))
+    o1 = MicroAdam([src], topk_block=128, quant_block=64)
+    src.grad = torch.randn(1000)
+    o1.step()
+    dst = torch.nn.Parameter(torch.randn(600))  # e.g. another world size's shard
+    o2 = MicroAdam([dst], topk_block=128, quant_block=64)
+    dst.grad = torch.randn(600)
+    o2.step()
+    before = snapshot([dst], o2)
+    with pytest.raises(ValueError) as err:
+        o2.load_state_dict(o1.state_dict())
+    msg = str(err.value)
+    assert "n=1000" in msg and "n=600" in msg and "reshard" in msg
+    assert_same(before, snapshot([dst], o2))
+
+
+def test_corrupt_state_entry_is_refused():
+    p = torch.nn.Parameter(torch.randn(100))
+    opt = MicroAdam([p])
+    p.grad = torch.randn(100)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["win_val"] = sd["state"][0]["win_val"].float()
+    with pytest.raises(ValueError, match="win_val.*corrupt"):
+        MicroAdam([p]).load_state_dict(sd)
+    del sd["state"][0]["ef"]
+    with pytest.raises(ValueError, match="lacks"):
+        MicroAdam([p]).load_state_dict(sd)
+
+
+# -- gradients ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_skip_leaves_everything_untouched(bad, seed):
+    params, opt = _model_and_opt(seed)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = snapshot(params, opt)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad[17] = bad
+    opt.step()
+    assert opt.nonfinite_skips == 1
+    assert_same(before, snapshot(params, opt))
+    assert opt.state_dict()["microadam"]["nonfinite_skips"] == 1
+
+
+def test_nonfinite_raise_names_the_tensor_and_changes_nothing(seed):
+    params, opt = _model_and_opt(seed, nonfinite="raise")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[2].grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[2\]"):
+        opt.step()
+    assert all(not opt.state[p] for p in params)
+
+
+def test_nonfinite_off_does_not_check(seed):
+    params, opt = _model_and_opt(seed, nonfinite="off")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.nonfinite_skips == 0 and int(opt.state[params[0]]["step"]) == 1
+
+
+def test_sparse_and_complex_gradients_are_rejected():
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        MicroAdam([p]).step()
+    c = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    c.grad = torch.randn(4, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="complex"):
+        MicroAdam([c]).step()
+
+
+def test_params_without_grad_or_elements_are_skipped(seed):
+    a, b, e = (torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50)),
+               torch.nn.Parameter(torch.zeros(0)))
+    opt = MicroAdam([a, b, e])
+    a.grad, e.grad = torch.randn(50), torch.zeros(0)
+    b0 = b.detach().clone()
+    opt.step()
+    assert opt.state[a] and not opt.state[b] and not opt.state[e]
+    assert torch.equal(b, b0)
+
+
+def test_closure_and_scheduler_lr_is_read_every_step(seed):
+    from test_core_reference import global_rows
+
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = MicroAdam([p], lr=1.0, m=3, density=0.25, topk_block=64, quant_block=64)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    for t in range(1, 5):
+        theta0 = p.detach().double().numpy().copy()
+
+        def closure():
+            opt.zero_grad()
+            loss = (p ** 2).sum()
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert torch.isclose(loss, torch.tensor(theta0 ** 2).sum().float())
+        st = opt.state[p]
+        rows = global_rows(st["win_idx"].long().numpy(), st["win_val"].double().numpy(), 64, 64, 0.25)
+        m_hat, v_hat = oracle.moments(rows, 64, t, 3, 0.9, 0.999)
+        lr = 0.5 ** (t - 1)
+        np.testing.assert_allclose(p.detach().double().numpy(), theta0 - lr * m_hat / (np.sqrt(v_hat) + 1e-8),
+                                   rtol=1e-5, atol=1e-6)
+        sched.step()
+
+
+@pytest.mark.parametrize("pdtype,gdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                           (torch.float32, torch.bfloat16)])
+def test_low_precision_params_and_grads_follow_fp32(pdtype, gdtype, seed):
+    """Same start and gradients: the update in another dtype equals the fp32 one up to that dtype's rounding."""
+    base = torch.randn(3000)
+    p32 = torch.nn.Parameter(base.to(pdtype).float())
+    plo = torch.nn.Parameter(base.to(pdtype))
+    kw = dict(lr=1e-2, m=4, density=0.02, topk_block=512, quant_block=128)
+    if gdtype != pdtype:
+        plo.grad_dtype = None  # let this param take a gradient of another dtype (torch >= 2.10)
+    o32, olo = MicroAdam([p32], **kw), MicroAdam([plo], **kw)
+    for _ in range(8):
+        g = torch.randn(3000).to(gdtype)
+        p32.grad, plo.grad = g.float(), g
+        o32.step()
+        olo.step()
+        # the lower-precision run must end each step at the fp32 result rounded to its dtype,
+        # allowing for the accumulated rounding of earlier steps
+        with torch.no_grad():
+            err = (plo.float() - p32).abs()
+            tol = 8 * torch.finfo(pdtype).eps * p32.abs().max() + 1e-6
+            assert err.max() <= tol
+    assert plo.dtype == pdtype and olo.state[plo]["win_val"].dtype == torch.bfloat16
+
+
+def test_layout_tensor_round_trip():
+    lay = Layout.for_numel(12345, MicroAdamConfig(topk_block=1000, density=0.013, quant_block=77, m=3))
+    assert Layout.from_tensor(lay.to_tensor()) == lay
+    assert lay.k_block == 13 and lay.k_last == oracle.k_for(0.013, 345)
+    assert lay.k_total == 12 * 13 + lay.k_last
+    assert np.isclose(lay.state_bytes(), state_bytes(12345, topk_block=1000, density=0.013, quant_block=77, m=3))

@@ -1,0 +1,177 @@
+"""The reference optimizer against the float64 oracle, step by step (teacher forcing).
+
+Each step, the oracle starts from the package's own state (EF codes, ranges, window
+and params, read back as float64) and the same gradient; the package's new state is
+then checked against the oracle: top-k sets, window values, EF ranges and codes, the
+EF error bound, and the parameter update.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import oracle
+from microadam_dist import MicroAdam
+
+BF16_REL = 2.0 ** -8
+
+
+def global_rows(win_idx, win_val, n, topk_block, density):
+    """Window rows as (global index, value) arrays, from the documented column layout."""
+    ks = [oracle.k_for(density, min(topk_block, n - s)) for s in range(0, n, topk_block)]
+    block_of = np.concatenate([np.full(kj, j) for j, kj in enumerate(ks)])
+    rows = []
+    for r in range(win_idx.shape[0]):
+        rows.append((block_of * topk_block + win_idx[r], win_val[r].copy()))
+    return rows
+
+
+def check_step(p, st_before, theta0, g, group, t, seed):
+    """Run the oracle from the state before the step and compare with the state after."""
+    n = p.numel()
+    hp = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+              weight_decay=group["weight_decay"], m=group["m"], density=group["density"],
+              topk_block=group["topk_block"], quant_block=group["quant_block"])
+    B, Q, m = hp["topk_block"], hp["quant_block"], hp["m"]
+    if st_before is None:
+        ost = oracle.fresh_state(n, Q, m)
+    else:
+        codes = oracle.unpack_nibbles(st_before["ef"].numpy(), n)
+        rows = global_rows(st_before["win_idx"].to(torch.int64).numpy(),
+                           st_before["win_val"].to(torch.float64).numpy(), n, B, hp["density"])
+        ost = oracle.OracleState(codes, st_before["ef_min"].double().numpy(),
+                                 st_before["ef_max"].double().numpy(), rows, t - 1)
+    return oracle.step(theta0, g, ost, **hp)
+
+
+def compare(res, opt, p, group, t, seed, rounding="nearest"):
+    n = p.numel()
+    st = opt.state[p]
+    B, Q, m, density = group["topk_block"], group["quant_block"], group["m"], group["density"]
+    assert int(st["step"]) == t
+    rows = global_rows(st["win_idx"].to(torch.int64).numpy(), st["win_val"].to(torch.float64).numpy(),
+                       n, B, density)
+    sel, vals = rows[(t - 1) % m]
+    a = res.a_before_zero
+    # 1. top-k sets (a near-tie at the threshold may legitimately swap entries)
+    if not np.array_equal(sel, res.selected):
+        diff = np.setxor1d(sel, res.selected)
+        for i in diff:
+            blk = i // B
+            s = blk * B
+            thr = np.sort(np.abs(a[s:s + B]))[::-1][oracle.k_for(density, min(B, n - s)) - 1]
+            assert abs(abs(a[i]) - thr) <= 1e-6 * thr, f"top-k differs at {i} (seed {seed}, step {t})"
+    # ascending inside each block
+    for s in range(0, n, B):
+        in_blk = sel[(sel >= s) & (sel < s + B)]
+        assert np.all(np.diff(in_blk) > 0)
+    # 2. window values are bf16(a)
+    np.testing.assert_allclose(vals, a[sel], rtol=BF16_REL, atol=1e-30)
+    # 3. EF ranges and codes, recomputed with the package's selection
+    az = a.copy()
+    az[sel] = 0.0
+    codes, qmin, qmax, qpos = oracle.quantize(az, Q)
+    np.testing.assert_allclose(st["ef_min"].double().numpy(), qmin, rtol=1e-6, atol=1e-6 * np.abs(az).max())
+    np.testing.assert_allclose(st["ef_max"].double().numpy(), qmax, rtol=1e-6, atol=1e-6 * np.abs(az).max())
+    got = oracle.unpack_nibbles(st["ef"].numpy(), n)
+    frac = qpos - np.floor(qpos)
+    if rounding == "nearest":
+        boundary = np.abs(frac - 0.5) < 1e-3
+        assert np.array_equal(got[~boundary], codes[~boundary]), f"EF codes (seed {seed}, step {t})"
+    else:
+        xi = np.array([oracle.xi(t, i) for i in range(n)])
+        expect = np.clip(np.floor(qpos + xi), 0, 15)
+        scale_pos = np.repeat((qmax - qmin) / 15.0, Q)[:n] > 0
+        expect = np.where(scale_pos, expect, 0)
+        boundary = np.abs((qpos + xi) - np.round(qpos + xi)) < 1e-3
+        assert np.array_equal(got[~boundary], expect[~boundary]), f"EF codes (seed {seed}, step {t})"
+    # EF error bound per element, measured on the package's own decoded EF
+    lo = np.repeat(st["ef_min"].double().numpy(), Q)[:n]
+    hi = np.repeat(st["ef_max"].double().numpy(), Q)[:n]
+    deq = lo + got * (hi - lo) / 15.0
+    bound = (hi - lo) / (30.0 if rounding == "nearest" else 15.0)
+    assert np.all(np.abs(deq - az) <= bound * (1 + 1e-5) + 1e-7 * np.abs(az).max()), f"EF error (seed {seed})"
+    return rows
+
+
+@pytest.mark.parametrize("shape,B,Q,density,m", [
+    ((1001,), 128, 64, 0.05, 4),      # n odd, not a multiple of either block
+    ((37,), 64, 16, 0.1, 3),          # smaller than one block
+    ((10, 100), 96, 40, 0.03, 5),     # 2-D, ragged blocks
+    ((3000,), 256, 1000, 0.01, 4),    # quant block larger than the top-k block
+    ((1,), 4096, 4096, 0.01, 2),      # a single element
+])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_reference_matches_oracle(shape, B, Q, density, m, rounding, seed):
+    steps = 22
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = MicroAdam([p], lr=3e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1, m=m,
+                    density=density, topk_block=B, quant_block=Q, ef_rounding=rounding,
+                    backend="reference")
+    group = opt.param_groups[0]
+    for t in range(1, steps + 1):
+        g = torch.randn(shape) * (1 + t % 3)
+        theta0 = p.detach().double().reshape(-1).numpy().copy()
+        st_before = {k: v.clone() for k, v in opt.state[p].items()} if opt.state[p] else None
+        res = check_step(p, st_before, theta0, g.double().reshape(-1).numpy(), group, t, seed)
+        p.grad = g
+        opt.step()
+        rows = compare(res, opt, p, group, t, seed, rounding)
+        # 4. the update, from the package's window (bf16 values) in float64
+        m_hat, v_hat = oracle.moments(rows, p.numel(), t, m, 0.8, 0.95)
+        expect = theta0 * (1 - 3e-2 * 0.1) - 3e-2 * m_hat / (np.sqrt(v_hat) + 1e-8)
+        np.testing.assert_allclose(p.detach().double().reshape(-1).numpy(), expect,
+                                   rtol=2e-6, atol=2e-6, err_msg=f"seed {seed}, step {t}")
+
+
+def test_param_groups_each_follow_their_hyperparameters(seed):
+    a = torch.nn.Parameter(torch.randn(700))
+    b = torch.nn.Parameter(torch.randn(33, 9))
+    opt = MicroAdam([{"params": [a], "lr": 1e-2, "m": 3, "density": 0.05, "topk_block": 100,
+                      "quant_block": 30},
+                     {"params": [b], "lr": 5e-2, "betas": (0.5, 0.9), "weight_decay": 0.3,
+                      "k_init": 0.1, "topk_block": 50, "quant_block_size": 64}],
+                    backend="reference")
+    for t in range(1, 21):
+        snaps = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                g = torch.randn_like(p)
+                theta0 = p.detach().double().reshape(-1).numpy().copy()
+                st_before = {k: v.clone() for k, v in opt.state[p].items()} if opt.state[p] else None
+                res = check_step(p, st_before, theta0, g.double().reshape(-1).numpy(), group, t, seed)
+                p.grad = g
+                snaps.append((p, group, theta0, res))
+        opt.step()
+        for p, group, theta0, res in snaps:
+            rows = compare(res, opt, p, group, t, seed)
+            b1, b2 = group["betas"]
+            m_hat, v_hat = oracle.moments(rows, p.numel(), t, group["m"], b1, b2)
+            expect = (theta0 * (1 - group["lr"] * group["weight_decay"])
+                      - group["lr"] * m_hat / (np.sqrt(v_hat) + group["eps"]))
+            np.testing.assert_allclose(p.detach().double().reshape(-1).numpy(), expect,
+                                       rtol=2e-6, atol=2e-6)
+
+
+def test_stochastic_rounding_is_unbiased(seed):
+    """Averaged over many steps, the stochastic EF decodes to the value it encodes."""
+    from microadam_dist.ops import reference
+
+    n, Q, T = 256, 64, 3000
+    x = torch.randn(n, dtype=torch.float32)
+    acc = torch.zeros(n, dtype=torch.float64)
+    for t in range(1, T + 1):
+        ef, lo, hi = reference.quantize_ef(x, Q, "stochastic", t)
+        deq = reference.dequantize_ef(ef, lo, hi, n, Q).double()
+        scale = np.repeat(((hi - lo) / 15).double().numpy(), Q)[:n]
+        err = (deq - x.double()).abs().numpy()
+        assert np.all(err <= scale * (1 + 1e-5))  # one level at most
+        acc += deq
+    mean = (acc / T).numpy()
+    scale = np.repeat(((hi - lo) / 15).double().numpy(), Q)[:n]
+    # Bernoulli rounding: std of one draw <= scale/2; 6 sigma over T draws
+    assert np.all(np.abs(mean - x.double().numpy()) <= 6 * scale / 2 / np.sqrt(T) + 1e-7)
+    # nearest rounding is biased towards the grid: its mean is the grid point, not x
+    ef, lo, hi = reference.quantize_ef(x, Q, "nearest", 1)
+    near = reference.dequantize_ef(ef, lo, hi, n, Q).double().numpy()
+    assert np.abs(near - x.double().numpy()).mean() > 5 * np.abs(mean - x.double().numpy()).mean()
