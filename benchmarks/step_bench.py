@@ -1,0 +1,156 @@
+"""Optimizer step time and memory on a Llama-shaped parameter set (one GPU).
+
+Rows: torch AdamW (fused, foreach) and MicroAdam (CUDA kernels) with quant_block 64
+and 100000 (m=10, density 1%), bf16 params, and fp32 params too. Each row builds its
+params and gradients, takes warm-up steps (state allocated, kernels built), then
+times `opt.step()` with CUDA events and reports the median. Ratios are to torch fused
+AdamW of the same param dtype measured in the same run.
+
+    python benchmarks/step_bench.py --out benchmarks/results/step_bench_h100.json
+
+Columns: median step ms; state bytes per param (all optimizer state tensors);
+transient MiB (peak memory during a step above the memory held before it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # uninstalled checkout
+
+
+def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden)] * 4 + [(inter, hidden), (inter, hidden), (hidden, inter)]
+        shapes += [(hidden,), (hidden,)]
+    shapes += [(hidden,), (vocab, hidden)]
+    return shapes
+
+
+def make_params(shapes, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.empty(s, dtype=dtype, device="cuda").normal_(0, 0.02, generator=gen))
+        p.grad = torch.empty_like(p).normal_(0, 1e-3, generator=gen)
+        params.append(p)
+    return params
+
+
+def make_opt(kind: str, params, args):
+    if kind == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=args.weight_decay, fused=True)
+    if kind == "adamw_foreach":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=args.weight_decay, foreach=True)
+    from microadam_dist import MicroAdam
+    q = int(kind.split("_q")[1])
+    return MicroAdam(params, lr=1e-4, weight_decay=args.weight_decay, m=10, density=0.01,
+                     quant_block=q, backend="cuda", nonfinite=args.nonfinite)
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def time_row(kind, dtype, shapes, args):
+    params = make_params(shapes, dtype)
+    nparams = sum(p.numel() for p in params)
+    opt = make_opt(kind, params, args)
+    for _ in range(args.warmup):
+        opt.step()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        opt.step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    transient = torch.cuda.max_memory_allocated() - held
+    row = dict(optimizer=kind, param_dtype=str(dtype).replace("torch.", ""), params=nparams,
+               median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+               state_bytes_per_param=state_bytes(opt) / nparams,
+               transient_mib=transient / 2**20)
+    del opt, params
+    torch.cuda.empty_cache()
+    return row
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate (bytes read + written per second), the memory ceiling."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20):
+        y.copy_(x)
+    b.record()
+    b.synchronize()
+    return 2 * x.numel() * 20 / (a.elapsed_time(b) / 1e3)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--nonfinite", default="off", help="MicroAdam's gradient check ('skip' adds a pass)")
+    ap.add_argument("--rows", default="bf16:adamw_fused,bf16:adamw_foreach,bf16:microadam_q64,"
+                    "bf16:microadam_q100000,fp32:adamw_fused,fp32:microadam_q64,fp32:microadam_q100000")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    rows = []
+    for spec in args.rows.split(","):
+        d, kind = spec.split(":")
+        t0 = time.time()
+        rows.append(time_row(kind, dtypes[d], shapes, args))
+        print(f"  {spec}: {rows[-1]['median_ms']:.2f} ms ({time.time() - t0:.0f} s)", flush=True)
+    for r in rows:
+        base = [x for x in rows if x["optimizer"] == "adamw_fused" and x["param_dtype"] == r["param_dtype"]]
+        r["ratio_to_adamw_fused"] = r["median_ms"] / base[0]["median_ms"] if base else None
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                  host=platform.node(), copy_bytes_per_s=copy_bandwidth(), shapes=dict(
+                      hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                      vocab=args.vocab, tensors=len(shapes)),
+                  steps=args.steps, weight_decay=args.weight_decay, nonfinite=args.nonfinite, rows=rows)
+    print(f"\n{result['device']}, {rows[0]['params'] / 1e9:.3f} B params, copy "
+          f"{result['copy_bytes_per_s'] / 1e12:.2f} TB/s, wd={args.weight_decay}")
+    print(f"{'optimizer':<24}{'dtype':<10}{'median ms':>10}{'x fused':>9}{'state B/p':>11}{'transient MiB':>15}")
+    for r in rows:
+        ratio = f"{r['ratio_to_adamw_fused']:.3f}" if r["ratio_to_adamw_fused"] else "-"
+        print(f"{r['optimizer']:<24}{r['param_dtype']:<10}{r['median_ms']:>10.2f}{ratio:>9}"
+              f"{r['state_bytes_per_param']:>11.3f}{r['transient_mib']:>15.1f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

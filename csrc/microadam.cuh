@@ -1,0 +1,70 @@
+// Launch-table interface between the torch binding and the MicroAdam kernels.
+//
+// The kernels know nothing of torch: the binding passes one StepArgs per
+// (device, param dtype, grad dtype, block sizes) group. Each tensor of the group
+// is one record of REC int64 fields in a device table; a launch covers every
+// top-k block of every tensor in the table (multi-tensor), so a step costs a
+// handful of launches however many tensors the model has.
+#pragma once
+
+#include <cstdint>
+
+namespace microadam {
+
+// Fields of one tensor's record in the launch table (int64 each).
+enum Field : int {
+  F_PARAM = 0,  // param data pointer (P*)
+  F_GRAD,       // grad data pointer (G*)
+  F_EF,         // uint8 EF codes, ceil(n/2)
+  F_EF_MIN,     // float32 per quant block
+  F_EF_MAX,     // float32 per quant block
+  F_WIN_IDX,    // int16 (m, k_total)
+  F_WIN_VAL,    // bf16 (m, k_total)
+  F_N,          // elements
+  F_K_TOTAL,    // window columns
+  F_K_LAST,     // entries kept in the last top-k block
+  F_START,      // first virtual block (pass 1: top-k blocks; pass 2: EF chunks) of this tensor
+  F_STEP,       // 1-based step t after increment
+  F_COEF,       // bit patterns of float32 c1 (low 32 bits) and c2 (high 32 bits)
+  F_WS,         // offset (floats) of this tensor's quant-block stats in the workspace, -1: one pass
+  F_RESERVED0,
+  F_RESERVED1,
+  REC = 16
+};
+
+enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+// Elements per virtual block of the second (EF requantization) pass; even, so that
+// no EF byte straddles two chunks.
+constexpr int CHUNK2 = 8192;
+
+struct StepArgs {
+  const int64_t* table;   // device, ntensors * REC
+  int ntensors;
+  int64_t total_blocks;   // top-k blocks over all tensors of `table`
+  const int64_t* table2;  // device: the tensors whose EF needs the second pass; F_START counts chunks
+  int ntensors2;
+  int64_t total_chunks2;
+  const float* betapow;   // device, 2*m floats: beta1^age then beta2^age, age = 0..m-1
+  float* ws;              // device, 2*ws_half floats: new minima, then new maxima (second pass only)
+  int64_t ws_half;
+  int topk_block, k_block, quant_block, m;
+  float lr, decay, eps;   // decay = float32(1 - lr*wd), applied when has_decay
+  int has_decay;
+  int stochastic;         // EF rounding: 0 nearest, 1 stochastic
+  int dense;              // 1: write every param (weight decay, or eps == 0); 0: only window positions
+  int param_dtype, grad_dtype;
+};
+
+// Floats of dynamic shared memory the compress/update kernel needs for `topk_block`.
+int64_t pass1_smem_bytes(int topk_block);
+
+// Whether a tensor of n elements can requantize its EF inside the top-k kernel (one pass):
+// quant blocks nest in top-k blocks and no EF byte straddles two top-k blocks.
+bool one_pass(int64_t n, int topk_block, int quant_block);
+
+// Enqueues the step on `stream` (a cudaStream_t). Returns 0 or a cudaError_t code.
+int launch_step(const StepArgs& args, void* stream);
+const char* error_string(int code);
+
+}  // namespace microadam

@@ -1,0 +1,94 @@
+"""Backend choice without a GPU: auto -> reference, cuda -> clear error, failed build ->
+one warning and the reference; and the kernel sources compile where nvcc exists."""
+
+import os
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from microadam_dist import MicroAdam
+from microadam_dist.ops import builder, cuda as cuda_ops, run_reference, select_backend
+
+CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
+
+
+@pytest.fixture
+def fresh_builder(monkeypatch):
+    builder.reset()
+    cuda_ops._warned.clear()
+    yield
+    builder.reset()
+    cuda_ops._warned.clear()
+
+
+def test_auto_on_cpu_is_reference(seed):
+    name, run = select_backend("auto", torch.device("cpu"))
+    assert name == "reference" and run is run_reference
+    # And the optimizer really steps through it: the result equals a direct reference step.
+    p = torch.nn.Parameter(torch.randn(5000))
+    p.grad = torch.randn(5000)
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on the CPU: nothing is missing
+        MicroAdam([p], lr=1e-2).step()
+    MicroAdam([q], lr=1e-2, backend="reference").step()
+    assert torch.equal(p, q)
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10)
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors.*cpu"):
+        MicroAdam([p], backend="cuda").step()
+
+
+def test_failed_build_warns_once_and_falls_back(fresh_builder, monkeypatch):
+    """A build that cannot work: 'auto' gives one RuntimeWarning naming the cause, then the
+    reference; 'cuda' raises with the same cause. Resolution needs no GPU."""
+    monkeypatch.setenv("MICROADAM_JIT", "0")
+    dev = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match="MICROADAM_JIT=0") as rec:
+        name, run = cuda_ops.resolve("auto", dev, run_reference)
+        name2, _ = cuda_ops.resolve("auto", dev, run_reference)
+    assert (name, name2) == ("reference", "reference") and run is run_reference
+    assert len([w for w in rec if "MicroAdam" in str(w.message)]) == 1
+    with pytest.raises(RuntimeError, match="backend='cuda' was requested.*MICROADAM_JIT=0"):
+        cuda_ops.resolve("cuda", dev, run_reference)
+
+
+def test_compiler_error_is_reported_not_raised(fresh_builder, monkeypatch):
+    """A just-in-time build that fails inside the compiler: one warning with its last line."""
+    monkeypatch.setattr(builder, "_jit_problem", lambda: None)
+
+    def broken_build(verbose):
+        raise RuntimeError("Error building extension 'microadam_dist_cuda'\nnvcc fatal: unsupported gpu arch")
+    monkeypatch.setattr(builder, "_jit_build", broken_build)
+    with pytest.warns(RuntimeWarning, match="just-in-time build failed: nvcc fatal: unsupported gpu arch"):
+        name, _ = cuda_ops.resolve("auto", torch.device("cuda", 0), run_reference)
+    assert name == "reference"
+
+
+def test_env_report_names_backend_and_reason():
+    from microadam_dist import env
+    lines = dict(env.report(build=False))
+    assert "backend (auto)" in lines and lines["torch"] == torch.__version__
+    if not torch.cuda.is_available():
+        assert lines["backend (auto)"].startswith("reference")
+    assert lines["kernel sources"].endswith("csrc")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_kernels_compile_with_nvcc(tmp_path):
+    """The CUDA translation unit (it includes no torch header) compiles for sm_90; the
+    torch binding needs a CUDA torch, so only the GPU machine's build compiles it."""
+    out = tmp_path / "k.o"
+    cmd = ["nvcc", "-c", "-std=c++17", "-O1", "-gencode=arch=compute_90,code=sm_90",
+           "-Xptxas", "-v", os.path.join(CSRC, "microadam_kernels.cu"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert out.stat().st_size > 0
+    assert "error" not in res.stderr.lower()

@@ -1,0 +1,211 @@
+"""The fused CUDA step against the reference step (GPU only; skipped without CUDA).
+
+Both optimizers start from the same random state (EF codes and ranges, window,
+params, step) and take the same fresh random gradient. The reference runs on the CPU,
+where its sums are sequential, so the kernel, doing the same float32 operations in the
+same order, is expected to agree exactly: top-k sets, window values, EF bytes and ranges.
+Params are compared with a tolerance of one unit in the last place of their dtype.
+The window row the step writes is poisoned first, so an unwritten entry fails.
+"""
+
+import pytest
+import torch
+
+from microadam_dist import MicroAdam
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+def set_grad(p, g):
+    """Assign a gradient whose dtype may differ from the param's (as ZeRO/FSDP hand them)."""
+    if g.dtype != p.dtype and hasattr(p, "grad_dtype"):
+        p.grad_dtype = None  # torch >= 2.10 checks grad dtypes unless told not to
+    p.grad = g
+
+
+def random_state(st, n, t, gen):
+    """Fill one param's state (CPU) with a valid random state as it is before step t."""
+    st["step"].fill_(t - 1)
+    codes = torch.randint(0, 256, st["ef"].shape, generator=gen, dtype=torch.int64).to(torch.uint8)
+    if n % 2:
+        codes[-1] &= 0x0F  # the unused high nibble of an odd n is 0
+    st["ef"].copy_(codes)
+    span = torch.rand(st["ef_min"].shape, generator=gen) * 0.02
+    st["ef_min"].copy_(-span * torch.rand(st["ef_min"].shape, generator=gen))
+    st["ef_max"].copy_(st["ef_min"] + span)
+    wi, wv = st["win_idx"], st["win_val"]
+    B = int(st["layout"][2])
+    k_block, k_last = int(st["layout"][3]), int(st["layout"][4])
+    nb = -(-n // B)
+    cols = []
+    for j in range(nb):
+        length = min(B, n - j * B)
+        kj = k_last if j == nb - 1 else k_block
+        cols.append(torch.stack([torch.randperm(length, generator=gen)[:kj].sort().values
+                                 for _ in range(wi.shape[0])]))
+    wi.copy_(torch.cat(cols, dim=1).to(torch.int16))
+    wv.copy_((torch.randn(wv.shape, generator=gen) * 0.01).to(torch.bfloat16))
+
+
+def make_pair(sizes, pdtype, gdtype, t, seed, **hyper):
+    gen = torch.Generator().manual_seed(seed)
+    cpu = [torch.nn.Parameter(torch.randn(n, generator=gen).to(pdtype)) for n in sizes]
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    opt_c = MicroAdam(cpu, backend="reference", nonfinite="off", **hyper)
+    opt_g = MicroAdam(gpu, backend="cuda", nonfinite="off", **hyper)
+    # Create the state with one zero-gradient step on both sides, then overwrite it.
+    for pc, pg in zip(cpu, gpu):
+        set_grad(pc, torch.zeros_like(pc, dtype=gdtype))
+        set_grad(pg, torch.zeros_like(pg, dtype=gdtype))
+    opt_c.step()
+    opt_g.step()
+    for pc, pg, n in zip(cpu, gpu, sizes):
+        random_state(opt_c.state[pc], n, t, gen)
+        for k, v in opt_c.state[pc].items():
+            opt_g.state[pg][k].copy_(v)
+        pg.data.copy_(pc.data)
+    return cpu, gpu, opt_c, opt_g, gen
+
+
+def step_pair(cpu, gpu, opt_c, opt_g, gdtype, gen, poison=True):
+    m = opt_c.param_groups[0]["m"]
+    for pc, pg in zip(cpu, gpu):
+        g = (torch.randn(pc.shape, generator=gen) * 0.05).to(gdtype)
+        set_grad(pc, g)
+        set_grad(pg, g.cuda())
+        if poison:
+            st = opt_g.state[pg]
+            row = int(st["step"]) % m  # the row this step writes
+            st["win_idx"][row].fill_(-1)
+            st["win_val"][row].fill_(float("nan"))
+    opt_c.step()
+    opt_g.step()
+    torch.cuda.synchronize()
+
+
+def assert_same(cpu, gpu, opt_c, opt_g, pdtype):
+    for i, (pc, pg) in enumerate(zip(cpu, gpu)):
+        sc, sg = opt_c.state[pc], opt_g.state[pg]
+        what = f"tensor {i} (n={pc.numel()})"
+        for k in ("win_idx", "win_val", "ef", "ef_min", "ef_max"):
+            a, b = sc[k], sg[k].cpu()
+            if k == "win_val":
+                same = torch.equal(a.view(torch.int16), b.view(torch.int16))
+            else:
+                same = torch.equal(a, b)
+            if not same:
+                diff = (a.view(torch.int16) != b.view(torch.int16)) if k == "win_val" else (a != b)
+                where = diff.nonzero()[:5]
+                raise AssertionError(f"{what}: state {k!r} differs in {int(diff.sum())} entries, first at "
+                                     f"{where.tolist()}: reference {[a[tuple(w)].item() for w in where]}, "
+                                     f"kernel {[b[tuple(w)].item() for w in where]}")
+        ref = pc.detach().float()
+        got = pg.detach().float().cpu()
+        # Two ulps of the param or of a step of size 10*lr (the reference's float32 sums of
+        # a position repeated across window rows may be ordered differently), in the param's dtype.
+        lr = opt_c.param_groups[0]["lr"]
+        tol = 2 * ULP[pdtype] * torch.maximum(ref.abs(), torch.full_like(ref, 10 * lr))
+        err = (got - ref).abs()
+        bad = int((err > tol).sum())
+        assert bad == 0, (f"{what}: {bad} params differ by more than one ulp "
+                          f"(worst {float((err / tol).max()):.2f} ulp)")
+
+
+SIZES = [1, 7, 4095, 4096, 4097, 12345, 100003]
+
+
+@pytest.mark.parametrize("pdtype,gdtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("quant_block", [4096, 64, 100000, 1000])
+def test_one_step_matches_reference(pdtype, gdtype, quant_block, seed):
+    t = 1 + seed % 37
+    pair = make_pair(SIZES, pdtype, gdtype, t, seed, quant_block=quant_block, lr=1e-2)
+    cpu, gpu, opt_c, opt_g, gen = pair
+    step_pair(cpu, gpu, opt_c, opt_g, gdtype, gen)
+    assert_same(cpu, gpu, opt_c, opt_g, pdtype)
+
+
+@pytest.mark.parametrize("topk_block,quant_block,density,m", [
+    (1001, 7, 0.05, 3), (4096, 4096, 0.01, 1), (32768, 32768, 0.01, 4), (2048, 100000, 0.2, 5),
+    (4096, 3, 0.01, 2), (1, 1, 1.0, 2)])
+@pytest.mark.parametrize("ef_rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_block_shapes_rounding_decay(topk_block, quant_block, density, m, ef_rounding, weight_decay, seed):
+    t = 1 + seed % 11
+    sizes = [3, 999, 70001] if topk_block > 1 else [5, 300]
+    pair = make_pair(sizes, torch.float32, torch.bfloat16, t, seed, topk_block=topk_block,
+                     quant_block=quant_block, density=density, m=m, ef_rounding=ef_rounding,
+                     weight_decay=weight_decay, lr=3e-3)
+    cpu, gpu, opt_c, opt_g, gen = pair
+    for _ in range(3):
+        step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+        assert_same(cpu, gpu, opt_c, opt_g, torch.float32)
+
+
+def test_ties_take_lower_index(seed):
+    """Gradients with many equal magnitudes (fresh EF): the kept set is the lowest indices."""
+    sizes = [8192, 4097]
+    pair = make_pair(sizes, torch.bfloat16, torch.bfloat16, 1, seed)
+    cpu, gpu, opt_c, opt_g, gen = pair
+    for pc, pg in zip(cpu, gpu):
+        for st in (opt_c.state[pc], opt_g.state[pg]):
+            st["ef"].zero_(); st["ef_min"].zero_(); st["ef_max"].zero_()
+    for pc, pg in zip(cpu, gpu):
+        g = torch.randint(-3, 4, pc.shape, generator=gen).to(torch.bfloat16)
+        pc.grad, pg.grad = g, g.cuda()
+    opt_c.step(); opt_g.step()
+    assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
+
+
+def test_trajectory_100_steps(seed):
+    sizes = [4096 * 3 + 5, 777, 50000]
+    pair = make_pair(sizes, torch.float32, torch.float32, 1, seed, lr=1e-2, weight_decay=0.01)
+    cpu, gpu, opt_c, opt_g, gen = pair
+    start = [p.detach().clone() for p in cpu]
+    for _ in range(100):
+        step_pair(cpu, gpu, opt_c, opt_g, torch.float32, gen, poison=False)
+    for pc, pg, p0 in zip(cpu, gpu, start):
+        moved = (pc.detach() - p0).norm()
+        err = (pg.detach().cpu() - pc.detach()).norm()
+        assert err <= 1e-4 * moved + 1e-6, f"trajectory drifted: |gpu-ref|={err:.3e}, |moved|={moved:.3e}"
+
+
+def test_huge_tensor_64bit_offsets(seed):
+    """A tensor of more than 2^31 elements: its first and last blocks match the reference
+    run on the corresponding slices (blocks are local, so a slice aligned to both block
+    sizes is its own shard)."""
+    free, _ = torch.cuda.mem_get_info()
+    n = 2**31 + 4096 * 5 + 77
+    if free < 4 * n + 2**31:
+        pytest.skip("not enough GPU memory for a 2^31-element tensor")
+    B = Q = 4096
+    p = torch.nn.Parameter(torch.empty(n, dtype=torch.bfloat16, device="cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    p.data.normal_(generator=gen)
+    p.grad = torch.empty_like(p).normal_(generator=gen)
+    opt = MicroAdam([p], backend="cuda", nonfinite="off", lr=1e-2)
+    head, tail_start = 3 * B, n - (n % B) - 2 * B
+    pieces = {}
+    for name, (s, e) in {"head": (0, head), "tail": (tail_start, n)}.items():
+        pieces[name] = (s, e, torch.nn.Parameter(p.detach()[s:e].cpu().clone()), p.grad[s:e].cpu().clone())
+    opt.step()
+    torch.cuda.synchronize()
+    st = opt.state[p]
+    for name, (s, e, pc, gc) in pieces.items():
+        pc.grad = gc
+        ref = MicroAdam([pc], backend="reference", nonfinite="off", lr=1e-2)
+        ref.step()
+        rs = ref.state[pc]
+        j0 = s // B
+        k = int(st["layout"][3])
+        cols = slice(j0 * k, j0 * k + rs["win_idx"].shape[1])
+        assert torch.equal(st["win_idx"][0, cols].cpu(), rs["win_idx"][0]), name
+        assert torch.equal(st["win_val"][0, cols].cpu().view(torch.int16), rs["win_val"][0].view(torch.int16)), name
+        assert torch.equal(st["ef"][s // 2:(e + 1) // 2].cpu(), rs["ef"]), name
+        assert torch.equal(st["ef_min"][s // Q:-(-e // Q)].cpu(), rs["ef_min"]), name
+        assert torch.equal(st["ef_max"][s // Q:-(-e // Q)].cpu(), rs["ef_max"]), name
+        assert torch.equal(p.detach()[s:e].cpu().view(torch.int16), pc.detach().view(torch.int16)), name
