@@ -6,6 +6,7 @@ Public API: `MicroAdam`, `MicroAdamConfig`, `state_bytes`, `Layout`.
 from .config import MicroAdamConfig
 from .layout import Layout, state_bytes
 from .optim import MicroAdam
+from . import integrations  # noqa: F401,E402  registers "type": "MicroAdam" with DeepSpeed (lazily)
 
 __version__ = "0.1.0"
 
