@@ -108,10 +108,11 @@ def test_shard_ranges_tile_each_param_and_hold_its_values(runs):
                     assert span == local, (kind, r, info["fqn"])
     # FSDP1 FlatParameter: its segments are the model's params (plus any padding), in order.
     for res in runs["train"]:
-        (info,) = res["fsdp1_flat"]["infos"]
-        segs = info["extra"]["segments"]
+        infos = res["fsdp1_flat"]["infos"]
+        assert [i["fqn"] for i in infos] == ["0._flat_param", "2._flat_param", "4._flat_param"]
+        segs = [s for i in infos for s in i["extra"]["segments"]]
         assert {s[0]: s[2] for s in segs if s[0]} == {n: int(np.prod(s)) for n, s in SHAPES.items()}
-        assert sum(s[2] for s in segs) == info["global_numel"]
+        assert all(sum(s[2] for s in i["extra"]["segments"]) == i["global_numel"] for i in infos)
     assert [i["fqn"] for i in runs["train"][0]["ddp"]["infos"]] == list(SHAPES)
 
 

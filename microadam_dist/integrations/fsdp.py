@@ -127,13 +127,13 @@ def _shard_info(fqn: str, p: torch.Tensor, rank: int, world: int, fsdp1: tuple |
         return ShardInfo(fqn, "fsdp2", rank, world, shape, p.numel(),
                          _flat_offset(shape, tuple(local_shape), tuple(offset)), local.numel(), extra)
     if fsdp1 is not None:
-        handle, index = fsdp1
+        handle, index, prefix = fsdp1
         fp = handle.flat_param
         if index is None:  # the FlatParameter itself (use_orig_params=False)
             total = int(fp._padded_unsharded_size.numel())
             return ShardInfo(fqn, "fsdp1", handle.rank, handle.world_size, (total,), total,
                              handle.rank * p.numel(), p.numel(),
-                             {"use_orig_params": False, "segments": _segments(fqn, fp)})
+                             {"use_orig_params": False, "segments": _segments(prefix, fp)})
         info = fp._shard_param_infos[index]
         shape = tuple(fp._shapes[index])
         numel = int(fp._numels[index])
@@ -162,7 +162,8 @@ def _flat_offset(shape: tuple, local_shape: tuple, offset: tuple) -> int:
 
 
 def _fsdp1_index(model: torch.nn.Module) -> dict[int, tuple]:
-    """id(param) -> (FlatParamHandle, index of the original param or None for the FlatParameter)."""
+    """id(param) -> (FlatParamHandle, index of the original param or None for the
+    FlatParameter, the clean name prefix of the FSDP unit)."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     except ImportError:  # pragma: no cover - torch without distributed
@@ -173,16 +174,15 @@ def _fsdp1_index(model: torch.nn.Module) -> dict[int, tuple]:
         if handle is None:
             continue
         fp = handle.flat_param
-        fp._microadam_prefix = clean_fqn(prefix + "." if prefix else "")
-        out[id(fp)] = (handle, None)
+        unit = clean_fqn(prefix + "." if prefix else "")
+        out[id(fp)] = (handle, None, unit)
         for i, orig in enumerate(getattr(fp, "_params", None) or []):
-            out[id(orig)] = (handle, i)
+            out[id(orig)] = (handle, i, unit)
     return out
 
 
-def _segments(fqn: str, fp) -> list:
+def _segments(prefix: str, fp) -> list:
     """[param fqn or None for padding, start, numel] for each piece of an unsharded FlatParameter."""
-    prefix = getattr(fp, "_microadam_prefix", "")
     names = iter(fp._fqns)
     out, start = [], 0
     for numel, pad in zip(fp._numels_with_padding, fp._is_padding_mask):

@@ -47,8 +47,12 @@ def wrap(kind: str, model: torch.nn.Module, mesh):
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
         return fully_shard(model, mesh=mesh, mp_policy=mp)
-    if kind.startswith("fsdp1"):
-        return FSDP(model, use_orig_params=kind == "fsdp1_orig", device_id=torch.device("cpu"))
+    if kind == "fsdp1_flat":  # one FlatParameter per Linear (nested units)
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        return FSDP(model, use_orig_params=False, device_id=torch.device("cpu"),
+                    auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
+    if kind == "fsdp1_orig":  # one FlatParameter for the model: some ranks hold empty views
+        return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
     if kind == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     raise ValueError(kind)
