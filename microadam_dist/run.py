@@ -1,0 +1,68 @@
+"""Run an unmodified training script with MicroAdam registered.
+
+    python -m microadam_dist.run train.py --deepspeed ds.json ...
+    python -m microadam_dist.run -m my_pkg.train --deepspeed ds.json ...
+    deepspeed --module microadam_dist.run train.py --deepspeed ds.json
+    torchrun --nproc_per_node 8 -m microadam_dist.run train.py ...
+
+The script runs as if started directly (`__name__ == "__main__"`, `sys.argv[0]` is
+the script, its folder first on `sys.path`), after `"type": "MicroAdam"` has been
+made valid for DeepSpeed. Launchers that pass `--local_rank=N` before the script
+(the deepspeed launcher does) have it moved behind the script's name, where a
+directly launched script would have received it.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+USAGE = ("usage: python -m microadam_dist.run [--local_rank=N] (SCRIPT.py | -m MODULE) [ARGS ...]\n"
+         "Registers MicroAdam with DeepSpeed, then runs SCRIPT (or MODULE) as __main__ with ARGS.")
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Leading launcher options (--local_rank=N, --local-rank N) and the rest."""
+    forwarded: list[str] = []
+    rest = list(argv)
+    while rest and (rest[0].startswith("--local_rank") or rest[0].startswith("--local-rank")):
+        opt = rest.pop(0)
+        if "=" not in opt:
+            if not rest:
+                raise SystemExit(f"{opt} needs a value\n{USAGE}")
+            opt = f"{opt}={rest.pop(0)}"
+        forwarded.append(opt)
+    return forwarded, rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; `argv` defaults to sys.argv[1:]. Exceptions and exit codes of the script propagate."""
+    forwarded, rest = _split(sys.argv[1:] if argv is None else argv)
+    if not rest or rest[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0 if rest else 2)
+
+    from .integrations import register
+
+    register()
+    if rest[0] == "-m":
+        if len(rest) < 2:
+            raise SystemExit(f"-m needs a module name\n{USAGE}")
+        module, args = rest[1], rest[2:]
+        sys.argv = [module] + forwarded + args  # runpy replaces argv[0] with the module's path
+        if sys.path and sys.path[0] != "":
+            sys.path.insert(0, os.getcwd())  # `python -m` puts the working directory first
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return
+    script, args = rest[0], rest[1:]
+    if not os.path.isfile(script):
+        raise SystemExit(f"microadam_dist.run: no such script: {script!r}\n{USAGE}")
+    sys.argv = [script] + forwarded + args
+    # `python script.py` puts the script's folder first on sys.path; `-m microadam_dist.run` put the cwd there.
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
