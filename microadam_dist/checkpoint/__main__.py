@@ -5,7 +5,9 @@
     python -m microadam_dist.checkpoint split --src FILE --dst DIR --world-size M
     python -m microadam_dist.checkpoint verify PATH
 
-`reshard` also accepts a consolidated FILE as --src (then it is `split`). It prints
+`reshard` also accepts a consolidated FILE as --src (then it is `split`), and
+`reshard` / `consolidate` accept an FSDP DCP checkpoint written by
+`integrations.fsdp.save_checkpoint` (FSDP2 or DDP; the output is DCP again). It prints
 a JSON report: entries kept in the window, folded into the EF, EF blocks copied
 exactly or requantized. See docs/checkpoints.md.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import sys
 
+from .dcp import consolidate_dcp, is_dcp, reshard_dcp
 from .io import CheckpointError, read_meta, verify_file
 from .reshard import ReshardError
 from .sharded import FORMAT, consolidate_dir, reshard_dir, split_file
@@ -86,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                 verify_file(args.path)
                 print(json.dumps({"ok": True}))
             return 0
-        if args.cmd == "consolidate":
+        if args.cmd in ("reshard", "consolidate") and is_dcp(args.src):
+            # An FSDP checkpoint written by integrations.fsdp.save_checkpoint (DCP).
+            rep = (reshard_dcp(args.src, args.dst, args.world_size, **_overrides(args.set))
+                   if args.cmd == "reshard" else consolidate_dcp(args.src, args.dst))
+        elif args.cmd == "consolidate":
             _check_sharded(args.src)
             rep = consolidate_dir(args.src, args.dst)
         elif args.cmd == "split" or (args.cmd == "reshard" and os.path.isfile(args.src)):

@@ -60,7 +60,8 @@ def hyper_json(config: MicroAdamConfig | dict) -> dict:
 
 
 def config_of(hyper: dict, **overrides: Any) -> MicroAdamConfig:
-    d = dict(hyper, **overrides)
+    # Param groups may carry other keys (e.g. a scheduler's initial_lr): keep ours only.
+    d = {k: v for k, v in dict(hyper, **overrides).items() if k in MicroAdamConfig.field_names()}
     d["betas"] = tuple(d["betas"])
     return MicroAdamConfig(**d)
 

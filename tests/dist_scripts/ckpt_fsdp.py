@@ -1,0 +1,87 @@
+"""FSDP2 (fully_shard, gloo, CPU) training with MicroAdam and the FSDP integration's DCP
+checkpoints; launched by torchrun from tests/test_reshard_engines.py.
+
+The global batch at step t depends on t only and is split across ranks; the loss is
+scaled so that FSDP2's mean over ranks yields the global-batch gradient, so runs of
+any world size see the same gradients up to summation order.
+Writes {"step", "loss"} lines to --loss-file (rank 0, appended).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from microadam_dist import MicroAdam  # noqa: E402
+from microadam_dist.checkpoint.reshard import even_ranges  # noqa: E402
+from microadam_dist.integrations import fsdp  # noqa: E402
+
+HYPER = dict(lr=1e-2, m=4, density=0.1, topk_block=64, quant_block=48, weight_decay=0.01)
+BATCH = 96
+
+
+def build_model():
+    torch.manual_seed(0)
+    # 37 and 21 rows: uneven dim-0 shards over 2 and 3 ranks.
+    return torch.nn.Sequential(torch.nn.Linear(24, 37), torch.nn.Tanh(), torch.nn.Linear(37, 21),
+                               torch.nn.Tanh(), torch.nn.Linear(21, 1))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(7 * 100003 + step)
+    x = torch.randn(BATCH, 24, generator=g)
+    w = torch.linspace(-1, 1, 24)
+    y = torch.sin(x @ w).unsqueeze(1) + 0.3 * (x[:, :1] * x[:, 1:2]) + 0.05 * torch.randn(BATCH, 1, generator=g)
+    return x, y
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--save-at", type=int, default=0)
+    ap.add_argument("--ckpt", default="")
+    ap.add_argument("--resume", default="")
+    ap.add_argument("--loss-file", required=True)
+    args = ap.parse_args()
+
+    dist.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    model = build_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = MicroAdam(model.parameters(), backend="reference", **HYPER)
+    start = 0
+    if args.resume:
+        start = fsdp.load_checkpoint(args.resume, model, opt)["step"]
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {start}", flush=True)
+    for t in range(start + 1, args.steps + 1):
+        x, y = batch(t)
+        lo, k = even_ranges(BATCH, world)[rank]
+        part = ((model(x[lo:lo + k]) - y[lo:lo + k]) ** 2).sum()
+        opt.zero_grad(set_to_none=True)
+        (part * world / BATCH).backward()  # FSDP2 averages over ranks: this yields the global mean
+        opt.step()
+        total = part.detach() / BATCH
+        dist.all_reduce(total)
+        if rank == 0:
+            with open(args.loss_file, "a") as f:
+                f.write(json.dumps({"step": t, "loss": float(total), "world": world}) + "\n")
+        if t == args.save_at:
+            fsdp.save_checkpoint(args.ckpt, model, opt, extra={"step": t})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Resharding the FSDP integration's DCP checkpoints: FSDP2 on 2 gloo ranks -> 1 and 3
+ranks -> training continues; the moved states obey the conservation guarantee; the
+consolidated file loads into a single-process optimizer."""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from microadam_dist import MicroAdam
+from microadam_dist.checkpoint import dcp as ckdcp
+from microadam_dist.checkpoint import io as ckio
+from microadam_dist.checkpoint.__main__ import main as cli
+from microadam_dist.checkpoint.reshard import ShardState
+from microadam_dist.integrations.fsdp import INFO_KEY, META_KEY, rank_key
+from test_reshard import check_conservation
+
+pytestmark = pytest.mark.slow
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "dist_scripts", "ckpt_fsdp.py")
+STEPS, SAVE_AT = 20, 8
+
+
+def launch(world, loss_file, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "--monitor-interval=0.2", SCRIPT, "--steps", str(STEPS), "--loss-file", str(loss_file),
+           *map(str, extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(path):
+    with open(path) as f:
+        return {d["step"]: d["loss"] for d in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory):
+    """An uninterrupted 2-rank FSDP2 run that saves a DCP checkpoint at step SAVE_AT
+    (once per session; xdist workers share it through a locked directory)."""
+    shared = tmp_path_factory.getbasetemp().parent / "fsdp_ckpt_reference"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "done").exists():
+            launch(2, shared / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", shared / "ck")
+            (shared / "done").touch()
+    return shared / "ck", losses(shared / "loss.jsonl")
+
+
+def shard_states(sd):
+    """fqn -> ([ShardState] of every rank, numel, config dict) from a loaded DCP dict."""
+    optim = sd["optim"]
+    meta = json.loads(optim[META_KEY])
+    out = {}
+    for r in range(meta["world_size"]):
+        info = json.loads(optim[rank_key(r)][INFO_KEY])
+        for fqn, e in info["params"].items():
+            out.setdefault(fqn, ([], e["global_numel"]))[0].append(
+                ShardState(e["flat_offset"], e["local_numel"], optim[rank_key(r)][fqn]))
+    return out
+
+
+def test_fsdp2_reshard_to_1_and_3_then_continue(fsdp_reference, tmp_path, capsys):
+    src, ref = fsdp_reference
+    noise = max(abs(ref[t + 1] - ref[t]) for t in range(1, STEPS))
+    before = shard_states(ckdcp.load_dcp(str(src)))
+    for world in (1, 3):
+        dst = tmp_path / f"w{world}"
+        assert cli(["reshard", "--src", str(src), "--dst", str(dst), "--world-size", str(world)]) == 0
+        sd = ckdcp.load_dcp(str(dst))
+        assert json.loads(sd["optim"][META_KEY])["world_size"] == world
+        after = shard_states(sd)
+        assert after.keys() == before.keys()
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        slots = 0
+        for fqn, (shards, n) in before.items():
+            dst_shards = sorted(after[fqn][0], key=lambda s: s.offset)
+            slots += sum(min(int(s.state["step"]), s.state["win_idx"].shape[0]) * s.state["win_idx"].shape[1]
+                         for s in shards)
+            check_conservation(shards, [s.state for s in dst_shards],
+                               [(s.offset, s.numel) for s in dst_shards], n, None)
+        assert report["entries_in"] == slots > 0
+        assert report["entries_kept"] + report["entries_folded"] == slots
+        proc = launch(world, tmp_path / f"w{world}.jsonl", "--resume", dst)
+        assert f"resumed from {dst} at step {SAVE_AT}" in proc.stdout
+        got = losses(tmp_path / f"w{world}.jsonl")
+        assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
+        jumps = [abs(got[t] - ref[t]) for t in sorted(got)]
+        print(f"FSDP2 2->{world}: max |loss - uninterrupted| = {max(jumps):.2e}, noise {noise:.2e}")
+        assert max(jumps[:5]) < 0.03 * noise
+        assert max(jumps) < noise
+
+
+def test_fsdp2_consolidate_loads_in_one_process(fsdp_reference, tmp_path):
+    src, _ = fsdp_reference
+    out = str(tmp_path / "one.pt")
+    assert cli(["consolidate", "--src", str(src), "--dst", out]) == 0
+    obj = ckio.load_file(out)
+    assert obj["step"] == SAVE_AT and obj["extra"] == {"step": SAVE_AT}
+    params = [obj["model"][n].clone() for n in obj["names"]]
+    hyper = {k: v for k, v in obj["hyper"][0].items() if k not in ("backend",)}
+    opt = MicroAdam(params, **dict(hyper, backend="reference"))
+    opt.load_state_dict(obj["optimizer"])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(int(opt.state[p]["step"]) == SAVE_AT + 1 for p in params)
+    # And back to a 2-rank sharded checkpoint of our own format.
+    assert cli(["split", "--src", out, "--dst", str(tmp_path / "two"), "--world-size", "2"]) == 0
+    assert ckio.read_meta(str(tmp_path / "two"))["world_size"] == 2
