@@ -54,10 +54,13 @@ struct StepArgs {
   int stochastic;         // EF rounding: 0 nearest, 1 stochastic
   int dense;              // 1: write every param (weight decay, or eps == 0); 0: only window positions
   int param_dtype, grad_dtype;
+  int win_smem;           // set by launch_step: the block's window rows are staged in shared memory
 };
 
-// Floats of dynamic shared memory the compress/update kernel needs for `topk_block`.
-int64_t pass1_smem_bytes(int topk_block);
+// Dynamic shared memory of the compress/update kernel, and whether the window rows of a
+// top-k block (m * k_block entries) are staged in it.
+int64_t pass1_smem_bytes(int topk_block, int m, int k_block);
+bool window_in_smem(int m, int k_block);
 
 // Whether a tensor of n elements can requantize its EF inside the top-k kernel (one pass):
 // quant blocks nest in top-k blocks and no EF byte straddles two top-k blocks.

@@ -1,276 +1,173 @@
 // Fused MicroAdam step kernels (docs/algorithm.md; spec: microadam_dist/ops/reference.py).
 //
 // Pass 1, one CUDA block per top-k block of any tensor in the launch table:
-//   a = g + Q^-1(EF) into shared memory; radix-select the k-th largest |a| (ties to the
-//   lower index); write the window row ascending; zero the selected entries; per quant
-//   block min/max; requantize the EF (when quant blocks nest in the top-k block) or
-//   fold the block's min/max into a workspace (second pass); rebuild m_hat, v_hat of the
-//   block from its m window rows in shared memory and update the params (only the
-//   window positions when there is no weight decay).
-// Pass 2 (only tensors whose quant blocks straddle top-k blocks, e.g. quant_block
-//   100000): recompute a with the old EF ranges, zero this step's window positions,
-//   quantize with the new ranges. Then the new ranges are committed.
-//
-// Arithmetic is float32 in the reference's order with explicit round-to-nearest
-// intrinsics, so that no fused multiply-add changes a result: EF codes and window
-// values match the reference bit for bit.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+//   stage the block's m window rows in shared memory; a = g + Q^-1(EF) into shared
+//   memory (16-byte loads); find the k-th largest |a| (topk.cuh); write the window row
+//   ascending; zero the selected entries; per quant block min/max; requantize the EF
+//   (when quant blocks nest in the top-k block) or fold the block's min/max into a
+//   workspace for pass 2; then every distinct window position of the block rebuilds its
+//   m_hat, v_hat from the m rows (row order, as the reference) and updates its param.
+//   Without weight decay only those positions are read and written; with it, a dense
+//   sweep decays the others.
+// Pass 2 (tensors whose quant blocks straddle top-k blocks, e.g. quant_block 100000):
+//   recompute a with the old EF ranges, zero this step's window positions, quantize
+//   with the new ranges. Then the new ranges are committed.
 #include <climits>
-#include <cstdint>
 
-#include "microadam.cuh"
+#include "common.cuh"
+#include "topk.cuh"
 
 namespace microadam {
 namespace {
 
-constexpr int THREADS = 256;
-constexpr int NWARPS = THREADS / 32;
-constexpr unsigned FULL = 0xffffffffu;
-constexpr int HIST_BINS = 2048;      // first radix pass: 11 bits
-constexpr int MAXQ_SHARED = 1024;    // quant blocks per top-k block held in shared memory
+constexpr int MAXQ_SHARED = 512;      // quant blocks per top-k block whose ranges sit in shared memory
+constexpr int OWN_CAP = 2 * HIST_BINS;  // window positions listed (int16) in the histogram's memory
+constexpr int ACC_DOUBLE_MAX = 8192;  // up to this topk_block, both moment sums fit next to a
+constexpr int WIN_SMEM_CAP = 24 * 1024;  // bytes of window rows staged per block
 
-struct Rec {
-  void* param;
-  const void* grad;
-  uint8_t* ef;
-  float* ef_min;
-  float* ef_max;
-  int16_t* win_idx;
-  __nv_bfloat16* win_val;
-  int64_t n, k_total, start, step, ws;
-  int k_last;
-  float c1, c2;
-};
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-
-// Thread 0: the record whose F_START range holds virtual block vb (binary search).
-__device__ void find_record(const int64_t* table, int ntensors, int64_t vb, Rec& r) {
-  int lo = 0, hi = ntensors - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (table[(int64_t)mid * REC + F_START] <= vb) lo = mid; else hi = mid - 1;
-  }
-  const int64_t* t = table + (int64_t)lo * REC;
-  r.param = reinterpret_cast<void*>(t[F_PARAM]);
-  r.grad = reinterpret_cast<const void*>(t[F_GRAD]);
-  r.ef = reinterpret_cast<uint8_t*>(t[F_EF]);
-  r.ef_min = reinterpret_cast<float*>(t[F_EF_MIN]);
-  r.ef_max = reinterpret_cast<float*>(t[F_EF_MAX]);
-  r.win_idx = reinterpret_cast<int16_t*>(t[F_WIN_IDX]);
-  r.win_val = reinterpret_cast<__nv_bfloat16*>(t[F_WIN_VAL]);
-  r.n = t[F_N];
-  r.k_total = t[F_K_TOTAL];
-  r.k_last = (int)t[F_K_LAST];
-  r.start = t[F_START];
-  r.step = t[F_STEP];
-  const uint64_t coef = (uint64_t)t[F_COEF];
-  r.c1 = __uint_as_float((unsigned)(coef & 0xffffffffu));
-  r.c2 = __uint_as_float((unsigned)(coef >> 32));
-  r.ws = t[F_WS];
-}
-
-// Q^-1 of one element: min + code * ((max - min) / 15), no contraction.
-__device__ __forceinline__ float dequant(const uint8_t* ef, int64_t gi, float lo, float hi) {
-  const uint8_t byte = ef[gi >> 1];
-  const unsigned c = (gi & 1) ? (byte >> 4) : (byte & 15u);
-  const float scale = __fdiv_rn(__fsub_rn(hi, lo), 15.0f);
-  return __fadd_rn(lo, __fmul_rn((float)c, scale));
-}
-
-// xi(t, i) of docs/algorithm.md: lowbias32 of a counter, 24 bits, in [0, 1).
-__device__ __forceinline__ float hash_uniform(int64_t step, int64_t i) {
-  unsigned x = (unsigned)(uint64_t)i * 0x9E3779B1u + (unsigned)(uint64_t)step * 0x85EBCA77u;
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return (float)(x >> 8) * 5.9604644775390625e-08f;  // 2^-24
-}
-
-// Q of one element given its block's new range.
-__device__ __forceinline__ unsigned quant_code(float a, float lo, float hi, bool stochastic,
-                                               int64_t step, int64_t gi) {
-  const float scale = __fdiv_rn(__fsub_rn(hi, lo), 15.0f);
-  if (!(scale > 0.0f)) return 0u;
-  const float q = __fdiv_rn(__fsub_rn(a, lo), scale);
-  float c = stochastic ? floorf(__fadd_rn(q, hash_uniform(step, gi))) : rintf(q);
-  c = fminf(fmaxf(c, 0.0f), 15.0f);
-  return (unsigned)c;
-}
-
-// Exclusive prefix sum over the block's threads (all threads must call it).
-__device__ unsigned block_excl_scan(unsigned v, unsigned* sw) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  unsigned x = v;
+// 8 gradient elements and their 8 EF codes, from global memory (vector loads when allowed).
+template <typename G>
+__device__ __forceinline__ void load_unit(const G* grad, const uint8_t* ef, int64_t g0, int valid,
+                                          bool vec, float (&g)[8], unsigned& codes) {
+  if (vec && valid == 8) {
+    load8(grad + g0, g);
+    codes = *reinterpret_cast<const unsigned*>(ef + (g0 >> 1));
+  } else {
+    codes = 0;
 #pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned y = __shfl_up_sync(FULL, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) sw[w] = x;
-  __syncthreads();
-  unsigned before = 0;
-  for (int j = 0; j < w; ++j) before += sw[j];
-  __syncthreads();
-  return before + x - v;
-}
-
-__device__ __forceinline__ void atomic_min_f(float* addr, float v) {
-  if (v >= 0.0f) atomicMin(reinterpret_cast<int*>(addr), __float_as_int(v));
-  else atomicMax(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
-}
-__device__ __forceinline__ void atomic_max_f(float* addr, float v) {
-  if (v >= 0.0f) atomicMax(reinterpret_cast<int*>(addr), __float_as_int(v));
-  else atomicMin(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
-}
-
-__device__ __forceinline__ float warp_min(float v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v = fminf(v, __shfl_xor_sync(FULL, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, o));
-  return v;
-}
-
-// Radix select over |a[0..L)|: returns the k-th largest key T (.x) and (.y) the
-// number of elements equal to T that belong to the top k (the lowest-indexed ones).
-__device__ __forceinline__ uint2 radix_threshold(const float* a, int L, int k, unsigned* hist,
-                                                 unsigned* sw, unsigned* bcast) {
-  unsigned prefix = 0, pmask = 0;
-  unsigned need = (unsigned)k;
-#pragma unroll 1
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = pass == 0 ? 20 : (pass == 1 ? 10 : 0);
-    const int nbins = pass == 0 ? 2048 : 1024;
-    for (int b = threadIdx.x; b < nbins; b += THREADS) hist[b] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < L; i += THREADS) {
-      const unsigned key = __float_as_uint(a[i]) & 0x7fffffffu;
-      if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & (nbins - 1)], 1u);
+    for (int j = 0; j < 8; ++j) {
+      g[j] = j < valid ? to_f(grad[g0 + j]) : 0.0f;
+      if (j < valid) codes |= nibble(ef, g0 + j) << (4 * j);
     }
-    __syncthreads();
-    // Thread t owns `per` bins, thread 0 the highest: an exclusive scan in thread order
-    // counts the candidates in higher bins.
-    const int per = nbins / THREADS;
-    const int top = nbins - 1 - threadIdx.x * per;
-    unsigned local = 0;
-    for (int j = 0; j < per; ++j) local += hist[top - j];
-    const unsigned above = block_excl_scan(local, sw);
-    if (above < need && above + local >= need) {
-      unsigned acc = above;
-      for (int j = 0; j < per; ++j) {
-        const unsigned h = hist[top - j];
-        if (acc + h >= need) { bcast[0] = (unsigned)(top - j); bcast[1] = acc; break; }
-        acc += h;
-      }
-    }
-    __syncthreads();
-    const unsigned bin = bcast[0];
-    need -= bcast[1];
-    prefix |= bin << shift;
-    pmask |= (unsigned)(nbins - 1) << shift;
-    __syncthreads();
   }
-  return make_uint2(prefix, need);
+}
+
+// a_j = g_j + Q^-1(code_j) with the ranges of the quant blocks holding elements off..off+7
+// (off counted from the start of quant block q0).
+__device__ __forceinline__ void dequant_unit(const float (&g)[8], unsigned codes, const float* mins,
+                                             const float* maxs, int64_t q0, unsigned off, int Q,
+                                             int valid, float (&out)[8]) {
+  const int64_t q = q0 + off / (unsigned)Q;
+  if ((off % (unsigned)Q) + 8u <= (unsigned)Q) {
+    const float lo = mins[q], scale = ef_scale(lo, maxs[q]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __fadd_rn(g[j], dequant_code((codes >> (4 * j)) & 15u, lo, scale));
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (j >= valid) { out[j] = 0.0f; continue; }
+      const int64_t qj = q0 + (off + j) / (unsigned)Q;
+      const float lo = mins[qj];
+      out[j] = __fadd_rn(g[j], dequant_code((codes >> (4 * j)) & 15u, lo, ef_scale(lo, maxs[qj])));
+    }
+  }
+}
+
+// Stores the 8 codes of a unit: one 32-bit word when aligned and whole, else byte by byte.
+__device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w, int valid, bool vec) {
+  if (vec && valid == 8) {
+    *reinterpret_cast<unsigned*>(ef + (g0 >> 1)) = w;
+  } else {
+    for (int b = 0; 2 * b < valid; ++b) ef[(g0 >> 1) + b] = (uint8_t)(w >> (8 * b));
+  }
 }
 
 template <typename P, typename G>
 __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A) {
   extern __shared__ float4 smem_raw[];
-  const int B = A.topk_block, Q = A.quant_block, m = A.m;
-  const int S = 2 * ((B + 1) / 2);  // floats of `a`; reused as two halves for the moments
+  const int B = A.topk_block, Q = A.quant_block, m = A.m, KB = A.k_block;
+  const int S = (B + 15) & ~15;
+  const int SA = B <= ACC_DOUBLE_MAX ? 2 * S : S;  // floats of a; the moment sums use SA/2 each
   float* a = reinterpret_cast<float*>(smem_raw);
-  unsigned* hist = reinterpret_cast<unsigned*>(a + S);
-  float* smin = reinterpret_cast<float*>(hist);  // after the top-k, hist holds the new ranges
-  float* smax = smin + MAXQ_SHARED;
+  unsigned* hist = reinterpret_cast<unsigned*>(a + SA);
+  float* smin = reinterpret_cast<float*>(hist);  // after the top-k: new minima, scales, 1/scales
+  float* sscale = smin + MAXQ_SHARED;
+  float* sinv = sscale + MAXQ_SHARED;
+  int16_t* owners = reinterpret_cast<int16_t*>(hist);  // during the update: distinct window positions
+  int16_t* sidx = A.win_smem ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
+  __nv_bfloat16* sval = A.win_smem ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
   __shared__ Rec R;
   __shared__ unsigned sw[NWARPS];
   __shared__ unsigned wcount[2 * NWARPS];
-  __shared__ unsigned bcast[2];
+  __shared__ unsigned bcast[4];
   __shared__ float red[2 * NWARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
     if (tid == 0) find_record(A.table, A.ntensors, vb, R);
+    for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
     __syncthreads();
     P* param = reinterpret_cast<P*>(R.param);
     const G* grad = reinterpret_cast<const G*>(R.grad);
     const int64_t jb = vb - R.start;
     const int64_t base = jb * B;
     const int L = (int)min((int64_t)B, R.n - base);
-    const int64_t nbt = (R.n + B - 1) / B;
-    const int kj = (jb == nbt - 1) ? R.k_last : A.k_block;
-    const int64_t col0 = jb * A.k_block;
+    const int kj = (jb == (R.n + B - 1) / B - 1) ? R.k_last : KB;
+    const int64_t col0 = jb * KB;
     const int row = (int)((R.step - 1) % m);
     const bool onepass = R.ws < 0;
     const int64_t q0 = base / Q;
     const unsigned r0 = (unsigned)(base - q0 * Q);
+    const int nunits = (L + 7) / 8;
 
-    // 1. a = g + Q^-1(EF) with the ranges of the previous step.
-    for (int i = tid; i < L; i += THREADS) {
-      const int64_t gi = base + i;
-      const int64_t q = q0 + (r0 + (unsigned)i) / (unsigned)Q;
-      a[i] = __fadd_rn(to_f(grad[gi]), dequant(R.ef, gi, R.ef_min[q], R.ef_max[q]));
-    }
-    __syncthreads();
-
-    // 2. k-th largest |a| and how many of its equals are kept.
-    const uint2 thr = radix_threshold(a, L, kj, hist, sw, bcast);
-    const unsigned T = thr.x, take_eq = thr.y;
-
-    // 3. Selected entries in index order -> window row (ascending), then zero them.
-    // Warp w scans a contiguous chunk; ballots give in-chunk ranks, warp totals the offsets.
-    const int CW = (((L + NWARPS - 1) / NWARPS) + 31) & ~31;
-    const int w0 = warp * CW, w1 = min(L, w0 + CW);
-    unsigned cgt = 0, ceq = 0;
-    for (int s = w0; s < w1; s += 32) {
-      const int i = s + lane;
-      const unsigned key = i < w1 ? (__float_as_uint(a[i]) & 0x7fffffffu) : 0u;
-      cgt += __popc(__ballot_sync(FULL, i < w1 && key > T));
-      ceq += __popc(__ballot_sync(FULL, i < w1 && key == T));
-    }
-    if (lane == 0) { wcount[warp] = cgt; wcount[NWARPS + warp] = ceq; }
-    __syncthreads();
-    unsigned gt_before = 0, eq_before = 0;
-    for (int j = 0; j < warp; ++j) { gt_before += wcount[j]; eq_before += wcount[NWARPS + j]; }
-    int16_t* widx = R.win_idx + (int64_t)row * R.k_total + col0;
-    __nv_bfloat16* wval = R.win_val + (int64_t)row * R.k_total + col0;
-    const unsigned lt = (1u << lane) - 1u;
-    for (int s = w0; s < w1; s += 32) {
-      const int i = s + lane;
-      const float v = i < w1 ? a[i] : 0.0f;
-      const unsigned key = __float_as_uint(v) & 0x7fffffffu;
-      const bool gt = i < w1 && key > T, eq = i < w1 && key == T;
-      const unsigned mgt = __ballot_sync(FULL, gt), meq = __ballot_sync(FULL, eq);
-      const unsigned my_gt = gt_before + __popc(mgt & lt), my_eq = eq_before + __popc(meq & lt);
-      if (gt || (eq && my_eq < take_eq)) {
-        const unsigned pos = my_gt + min(my_eq, take_eq);
-        widx[pos] = (int16_t)i;
-        wval[pos] = __float2bfloat16_rn(v);
-        a[i] = 0.0f;
+    // 1. Stage the window rows written in earlier steps (the current one is written below).
+    if (A.win_smem) {
+      for (int e = tid; e < m * kj; e += THREADS) {
+        const int r = e / kj, c = e - r * kj;
+        if (r != row) {
+          sidx[r * KB + c] = R.win_idx[(int64_t)r * R.k_total + col0 + c];
+          sval[r * KB + c] = R.win_val[(int64_t)r * R.k_total + col0 + c];
+        }
       }
-      gt_before += __popc(mgt);
-      eq_before += __popc(meq);
+    }
+
+    // 2. a = g + Q^-1(EF) with the ranges of the previous step; two units in flight per thread.
+    const bool vec_in = (base % 8 == 0) && aligned16(grad + base) &&
+                        (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
+    for (int u0 = tid; u0 < nunits; u0 += 2 * THREADS) {
+      float g[2][8];
+      unsigned codes[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int u = u0 + h * THREADS;
+        if (u < nunits) load_unit(grad, R.ef, base + 8 * u, min(8, L - 8 * u), vec_in, g[h], codes[h]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int u = u0 + h * THREADS;
+        if (u >= nunits) continue;
+        const int valid = min(8, L - 8 * u);
+        float out[8];
+        dequant_unit(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
+        for (int j = 0; j < valid; ++j) {
+          a[8 * u + j] = out[j];
+          atomicAdd(&hist[hist_bin0(mag_key(out[j]))], 1u);  // first radix pass of the top-k
+        }
+      }
     }
     __syncthreads();
+
+    // 3. Top-k into window row (t-1) mod m, ascending; zero the kept entries.
+    const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast);
+    topk_write(a, L, thr.x, thr.y, R.win_idx + (int64_t)row * R.k_total + col0,
+               R.win_val + (int64_t)row * R.k_total + col0,
+               A.win_smem ? sidx + row * KB : nullptr, A.win_smem ? sval + row * KB : nullptr, wcount);
 
     // 4. New min/max per quant block overlapping this top-k block (after zeroing).
     const int nql = (int)((r0 + (unsigned)L - 1u) / (unsigned)Q) + 1;
+    auto sink = [&](int ql, float mn, float mx) {
+      if (onepass) {
+        const float sc = ef_scale(mn, mx);
+        smin[ql] = mn;
+        sscale[ql] = sc;
+        sinv[ql] = __frcp_rn(sc);
+        R.ef_min[q0 + ql] = mn;
+        R.ef_max[q0 + ql] = mx;
+      } else {
+        atomic_min_f(A.ws + R.ws + q0 + ql, mn);
+        atomic_max_f(A.ws + A.ws_half + R.ws + q0 + ql, mx);
+      }
+    };
     if (Q <= 512) {
       for (int ql = warp; ql < nql; ql += NWARPS) {
         const int64_t lo_i = (int64_t)ql * Q - r0;
@@ -279,15 +176,7 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         for (int i = s + lane; i < e; i += 32) { mn = fminf(mn, a[i]); mx = fmaxf(mx, a[i]); }
         mn = warp_min(mn);
         mx = warp_max(mx);
-        if (lane == 0) {
-          if (onepass) {
-            smin[ql] = mn; smax[ql] = mx;
-            R.ef_min[q0 + ql] = mn; R.ef_max[q0 + ql] = mx;
-          } else {
-            atomic_min_f(A.ws + R.ws + q0 + ql, mn);
-            atomic_max_f(A.ws + A.ws_half + R.ws + q0 + ql, mx);
-          }
-        }
+        if (lane == 0) sink(ql, mn, mx);
       }
     } else {
       for (int ql = 0; ql < nql; ++ql) {
@@ -301,76 +190,115 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         __syncthreads();
         if (tid == 0) {
           for (int j = 1; j < NWARPS; ++j) { mn = fminf(mn, red[j]); mx = fmaxf(mx, red[NWARPS + j]); }
-          if (onepass) {
-            smin[ql] = mn; smax[ql] = mx;
-            R.ef_min[q0 + ql] = mn; R.ef_max[q0 + ql] = mx;
-          } else {
-            atomic_min_f(A.ws + R.ws + q0 + ql, mn);
-            atomic_max_f(A.ws + A.ws_half + R.ws + q0 + ql, mx);
-          }
+          sink(ql, mn, mx);
         }
         __syncthreads();
       }
     }
     __syncthreads();
 
-    // 5. One pass: requantize here (base is even, so bytes do not straddle blocks).
+    // 5. One pass: requantize here (base is even: no EF byte straddles two blocks).
     if (onepass) {
-      uint8_t* ef = R.ef + (base >> 1);
-      const int nbytes = (L + 1) / 2;
-      for (int b = tid; b < nbytes; b += THREADS) {
-        const int i0 = 2 * b, i1 = 2 * b + 1;
-        const int qa = (int)((unsigned)i0 / (unsigned)Q);
-        unsigned c = quant_code(a[i0], smin[qa], smax[qa], A.stochastic, R.step, base + i0);
-        if (i1 < L) {
-          const int qb = (int)((unsigned)i1 / (unsigned)Q);
-          c |= quant_code(a[i1], smin[qb], smax[qb], A.stochastic, R.step, base + i1) << 4;
+      const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
+      for (int u = tid; u < nunits; u += THREADS) {
+        const int valid = min(8, L - 8 * u);
+        unsigned w = 0;
+        const int ql0 = (int)((8u * u) / (unsigned)Q);
+        if ((8u * u) % (unsigned)Q + 8u <= (unsigned)Q) {  // the unit lies in one quant block
+          const float lo = smin[ql0], sc = sscale[ql0], inv = sinv[ql0];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (j < valid)
+              w |= quant_code_fast(a[8 * u + j], lo, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
+          }
+        } else {
+          for (int j = 0; j < valid; ++j) {
+            const int i = 8 * u + j;
+            const int ql = (int)((unsigned)i / (unsigned)Q);
+            w |= quant_code_fast(a[i], smin[ql], sscale[ql], sinv[ql], A.stochastic, R.step, base + i) << (4 * j);
+          }
         }
-        ef[b] = (uint8_t)c;
+        store_codes(R.ef, base + 8 * u, w, valid, vec_out);
       }
     }
+    __syncthreads();
 
-    // 6. Moments from the window rows of this block, then the param update, in halves
-    // of the block so that both sums fit in `a`. Rows are added in order r = 0..m-1
-    // (as the reference's index_add_ on the CPU does); acc2 < 0 marks untouched slots.
-    const int CH = S / 2 > 0 ? S / 2 : 1;
+    // 6. Moments and update, over chunks of the block whose two sums fit in a. Rows are
+    // added in order r = 0..m-1, as the reference's index_add_ on the CPU does; acc2 < 0
+    // marks a position in no row. The first entry of a position lists it as an owner,
+    // which then updates that param; without weight decay no other param is touched.
+    const int16_t* wi0 = A.win_smem ? sidx : R.win_idx + col0;
+    const __nv_bfloat16* wv0 = A.win_smem ? sval : R.win_val + col0;
+    const int64_t rs = A.win_smem ? KB : R.k_total;
+    const int CH = SA / 2;
     float* acc1 = a;
     float* acc2 = a + CH;
+    const float z = __fmul_rn(A.lr, __fdiv_rn(0.0f, __fadd_rn(0.0f, A.eps)));  // lr*(0/(sqrt(0)+eps))
+    const bool vec_p = (base % 8 == 0) && aligned16(param + base);
     for (int c0 = 0; c0 < L; c0 += CH) {
       const int c1 = min(L, c0 + CH);
-      __syncthreads();
-      for (int i = c0 + tid; i < c1; i += THREADS) { acc1[i - c0] = 0.0f; acc2[i - c0] = -1.0f; }
+      for (int i = tid; i < c1 - c0; i += THREADS) { acc1[i] = 0.0f; acc2[i] = -1.0f; }
+      if (tid == 0) bcast[3] = 0u;
       __syncthreads();
       for (int r = 0; r < m; ++r) {
-        const int age = (int)(((R.step - 1 - r) % m + m) % m);
+        const int age = row >= r ? row - r : row - r + m;
         const float b1 = A.betapow[age], b2 = A.betapow[m + age];
-        const int16_t* ri = R.win_idx + (int64_t)r * R.k_total + col0;
-        const __nv_bfloat16* rv = R.win_val + (int64_t)r * R.k_total + col0;
+        const int16_t* ri = wi0 + r * rs;
+        const __nv_bfloat16* rv = wv0 + r * rs;
         for (int c = tid; c < kj; c += THREADS) {
           const int idx = ri[c];
-          if (idx >= c0 && idx < c1) {
-            const float v = __bfloat162float(rv[c]);
-            const float t1 = __fmul_rn(b1, v), t2 = __fmul_rn(b2, __fmul_rn(v, v));
-            const int p = idx - c0;
-            const bool first = acc2[p] < 0.0f;
-            acc1[p] = __fadd_rn(first ? 0.0f : acc1[p], t1);
-            acc2[p] = __fadd_rn(first ? 0.0f : acc2[p], t2);
+          // A repeated index in one row only occurs in a row never written (all zero).
+          if (idx < c0 || idx >= c1 || (c > 0 && ri[c - 1] == idx)) continue;
+          const float v = __bfloat162float(rv[c]);
+          const float t1 = __fmul_rn(b1, v), t2 = __fmul_rn(b2, __fmul_rn(v, v));
+          const int p = idx - c0;
+          const bool first = acc2[p] < 0.0f;
+          acc1[p] = __fadd_rn(first ? 0.0f : acc1[p], t1);
+          acc2[p] = __fadd_rn(first ? 0.0f : acc2[p], t2);
+          if (first) {
+            const unsigned slot = atomicAdd(&bcast[3], 1u);
+            if (slot < OWN_CAP) owners[slot] = (int16_t)p;
           }
         }
         __syncthreads();
       }
-      for (int i = c0 + tid; i < c1; i += THREADS) {
-        float s2 = acc2[i - c0];
-        const bool touched = s2 >= 0.0f;
-        if (!touched && !A.dense) continue;
-        const float s1 = touched ? acc1[i - c0] : 0.0f;
-        if (!touched) s2 = 0.0f;
-        const float mh = __fmul_rn(s1, R.c1), vh = __fmul_rn(s2, R.c2);
-        float p = to_f(param[base + i]);
-        if (A.has_decay) p = __fmul_rn(p, A.decay);
+      auto update = [&](int p) {
+        const float mh = __fmul_rn(acc1[p], R.c1), vh = __fmul_rn(acc2[p], R.c2);
+        float pv = to_f(param[base + c0 + p]);
+        if (A.has_decay) pv = __fmul_rn(pv, A.decay);
         const float u = __fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), A.eps));
-        param[base + i] = from_f<P>(__fsub_rn(p, __fmul_rn(A.lr, u)));
+        param[base + c0 + p] = from_f<P>(__fsub_rn(pv, __fmul_rn(A.lr, u)));
+      };
+      const unsigned nown = bcast[3];
+      if (nown <= OWN_CAP) {
+        for (int o = tid; o < (int)nown; o += THREADS) update(owners[o]);
+      } else {
+        for (int p = tid; p < c1 - c0; p += THREADS) if (acc2[p] >= 0.0f) update(p);
       }
+      if (A.dense) {
+        // Positions in no window row: m_hat = v_hat = 0, so theta*decay - lr*(0/(0+eps)).
+        for (int u = tid; u < (c1 - c0 + 7) / 8; u += THREADS) {
+          const int i0 = 8 * u, valid = min(8, c1 - c0 - i0);
+          bool none = valid == 8;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) none = none && acc2[i0 + j] < 0.0f;
+          if (vec_p && none) {
+            float v[8];
+            load8(param + base + c0 + i0, v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = __fsub_rn(A.has_decay ? __fmul_rn(v[j], A.decay) : v[j], z);
+            store8(param + base + c0 + i0, v);
+          } else {
+            for (int j = 0; j < valid; ++j) {
+              if (acc2[i0 + j] >= 0.0f) continue;
+              float pv = to_f(param[base + c0 + i0 + j]);
+              if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+              param[base + c0 + i0 + j] = from_f<P>(__fsub_rn(pv, z));
+            }
+          }
+        }
+      }
+      __syncthreads();
     }
     __syncthreads();  // R and shared memory are reused by the next virtual block
   }
@@ -407,20 +335,22 @@ __global__ void __launch_bounds__(THREADS) requant_kernel(StepArgs A) {
     const unsigned r0 = (unsigned)(c0 - q0 * Q);
     const float* nmin = A.ws + R.ws;
     const float* nmax = A.ws + A.ws_half + R.ws;
-    for (int b = tid; b < (len + 1) / 2; b += THREADS) {
-      unsigned c = 0;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = 2 * b + h;
-        if (i >= len) break;
-        const int64_t gi = c0 + i;
-        const int64_t q = q0 + (r0 + (unsigned)i) / (unsigned)Q;
-        float v = __fadd_rn(to_f(grad[gi]), dequant(R.ef, gi, R.ef_min[q], R.ef_max[q]));
-        if (flag[i]) v = 0.0f;
-        c |= quant_code(v, nmin[q], nmax[q], A.stochastic, R.step, gi) << (4 * h);
+    const bool vec = aligned16(grad + c0) && (((uintptr_t)(R.ef + (c0 >> 1)) & 3u) == 0);
+    const int nunits = (len + 7) / 8;
+    for (int u = tid; u < nunits; u += THREADS) {
+      const int i0 = 8 * u, valid = min(8, len - i0);
+      float g[8], v[8];
+      unsigned codes;
+      load_unit(grad, R.ef, c0 + i0, valid, vec, g, codes);
+      dequant_unit(g, codes, R.ef_min, R.ef_max, q0, r0 + (unsigned)i0, Q, valid, v);
+      unsigned w = 0;
+      for (int j = 0; j < valid; ++j) {
+        const int64_t q = q0 + (r0 + (unsigned)(i0 + j)) / (unsigned)Q;
+        const float x = flag[i0 + j] ? 0.0f : v[j];
+        w |= quant_code(x, nmin[q], ef_scale(nmin[q], nmax[q]), A.stochastic, R.step, c0 + i0 + j) << (4 * j);
       }
-      // Every thread of the grid reads the old codes of its own bytes only: safe in place.
-      R.ef[(c0 >> 1) + b] = (uint8_t)c;
+      // Each thread rewrites only the bytes it read: safe in place.
+      store_codes(R.ef, c0 + i0, w, valid, vec);
     }
     __syncthreads();
   }
@@ -450,7 +380,7 @@ __global__ void commit_ranges_kernel(StepArgs A) {
 
 template <typename P, typename G>
 cudaError_t launch_pass1(const StepArgs& A, cudaStream_t s) {
-  const int64_t smem = pass1_smem_bytes(A.topk_block);
+  const int64_t smem = pass1_smem_bytes(A.topk_block, A.m, A.k_block);
   auto kernel = compress_update_kernel<P, G>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -480,8 +410,12 @@ cudaError_t dispatch_grad(const StepArgs& A, cudaStream_t s) {
 
 }  // namespace
 
-int64_t pass1_smem_bytes(int topk_block) {
-  return (int64_t)(2 * ((topk_block + 1) / 2)) * 4 + HIST_BINS * 4;
+bool window_in_smem(int m, int k_block) { return (int64_t)m * k_block * 4 <= WIN_SMEM_CAP; }
+
+int64_t pass1_smem_bytes(int topk_block, int m, int k_block) {
+  const int64_t win = window_in_smem(m, k_block) ? ((int64_t)m * k_block * 4 + 15) / 16 * 16 : 0;
+  const int64_t S = (topk_block + 15) & ~15;
+  return (topk_block <= ACC_DOUBLE_MAX ? 2 * S : S) * 4 + HIST_BINS * 4 + win;
 }
 
 bool one_pass(int64_t n, int topk_block, int quant_block) {
@@ -492,8 +426,10 @@ bool one_pass(int64_t n, int topk_block, int quant_block) {
   return nb <= 1 || (topk_block % 2 == 0 && topk_block % quant_block == 0);
 }
 
-int launch_step(const StepArgs& A, void* stream) {
+int launch_step(const StepArgs& args, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  StepArgs A = args;
+  A.win_smem = window_in_smem(A.m, A.k_block) ? 1 : 0;
   cudaError_t e = cudaSuccess;
   if (A.ntensors2 > 0) {
     const int64_t blocks = (A.ws_half + THREADS - 1) / THREADS;

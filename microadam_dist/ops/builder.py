@@ -15,6 +15,7 @@ to another csrc folder; `MICROADAM_VERBOSE_BUILD=1` shows the compiler output.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -24,7 +25,7 @@ import torch
 
 EXT_NAME = "microadam_dist_cuda"
 SOURCES = ("microadam_binding.cpp", "microadam_kernels.cu")
-HEADERS = ("microadam.cuh",)
+HEADERS = ("microadam.cuh", "common.cuh", "topk.cuh")
 # IEEE division and square root (no --use_fast_math): the kernels reproduce the reference's
 # float32 results, which fast-math approximations would change.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
@@ -76,11 +77,19 @@ def _import_prebuilt():
     return _cuda_ext
 
 
+def _sources_digest(src: Path) -> str:
+    """Hash of every source and header: a changed header gets a fresh build, not a stale cache."""
+    h = hashlib.sha1()
+    for name in SOURCES + HEADERS:
+        h.update((src / name).read_bytes())
+    return h.hexdigest()[:10]
+
+
 def _jit_build(verbose: bool):
     from torch.utils import cpp_extension
     src = source_dir()
     return cpp_extension.load(
-        name=EXT_NAME,
+        name=f"{EXT_NAME}_{_sources_digest(src)}",
         sources=[str(src / s) for s in SOURCES],
         extra_include_paths=[str(src)],
         extra_cflags=CXX_FLAGS,
