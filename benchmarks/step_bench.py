@@ -52,9 +52,11 @@ def make_opt(kind: str, params, args):
     if kind == "adamw_foreach":
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=args.weight_decay, foreach=True)
     from microadam_dist import MicroAdam
-    q = int(kind.split("_q")[1])
+    # microadam_q<quant_block>[_skip]: _skip turns on the default non-finite gradient check.
+    spec = kind.split("_q")[1].split("_")
+    nonfinite = "skip" if spec[1:] == ["skip"] else args.nonfinite
     return MicroAdam(params, lr=1e-4, weight_decay=args.weight_decay, m=10, density=0.01,
-                     quant_block=q, backend="cuda", nonfinite=args.nonfinite)
+                     quant_block=int(spec[0]), backend="cuda", nonfinite=nonfinite)
 
 
 def state_bytes(opt) -> int:
@@ -120,7 +122,7 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--nonfinite", default="off", help="MicroAdam's gradient check ('skip' adds a pass)")
     ap.add_argument("--rows", default="bf16:adamw_fused,bf16:adamw_foreach,bf16:microadam_q64,"
-                    "bf16:microadam_q100000,fp32:adamw_fused,fp32:microadam_q64,fp32:microadam_q100000")
+                    "bf16:microadam_q100000,bf16:microadam_q4096,bf16:microadam_q64_skip,fp32:adamw_fused,fp32:microadam_q64,fp32:microadam_q100000")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 

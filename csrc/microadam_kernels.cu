@@ -14,6 +14,14 @@
 //   with the new ranges. Then the new ranges are committed.
 #include <climits>
 
+// Compile-time variants, measured by benchmarks/kernel_variants.py; the defaults are the build.
+#ifndef MICROADAM_HIST_MATCH
+#define MICROADAM_HIST_MATCH 0  // warp-aggregated histogram atomics (__match_any_sync)
+#endif
+#ifndef MICROADAM_NO_FAST_TOPK
+#define MICROADAM_NO_FAST_TOPK 0  // 1: always the general threshold path of the top-k
+#endif
+
 #include "common.cuh"
 #include "topk.cuh"
 
@@ -124,6 +132,36 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
     // 2. a = g + Q^-1(EF) with the ranges of the previous step; two units in flight per thread.
     const bool vec_in = (base % 8 == 0) && aligned16(grad + base) &&
                         (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
+#if MICROADAM_HIST_MATCH
+    // The loop bound is warp-uniform (u0 - lane), so the whole warp takes part in every
+    // match: lanes whose keys share a bin add their count with one atomic.
+    for (int u0 = tid - lane; u0 < nunits; u0 += 2 * THREADS) {
+      float g[2][8];
+      unsigned codes[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int u = u0 + lane + h * THREADS;
+        if (u < nunits) load_unit(grad, R.ef, base + 8 * u, min(8, L - 8 * u), vec_in, g[h], codes[h]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int u = u0 + lane + h * THREADS;
+        const int valid = u < nunits ? min(8, L - 8 * u) : 0;
+        float out[8];
+        if (valid > 0) dequant_unit(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          unsigned bin = 0xffffffffu;
+          if (j < valid) {
+            a[8 * u + j] = out[j];
+            bin = hist_bin0(mag_key(out[j]));
+          }
+          const unsigned peers = __match_any_sync(FULL, bin);
+          if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
+        }
+      }
+    }
+#else
     for (int u0 = tid; u0 < nunits; u0 += 2 * THREADS) {
       float g[2][8];
       unsigned codes[2];
@@ -145,13 +183,57 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         }
       }
     }
+#endif
     __syncthreads();
 
     // 3. Top-k into window row (t-1) mod m, ascending; zero the kept entries.
-    const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast);
-    topk_write(a, L, thr.x, thr.y, R.win_idx + (int64_t)row * R.k_total + col0,
-               R.win_val + (int64_t)row * R.k_total + col0,
-               A.win_smem ? sidx + row * KB : nullptr, A.win_smem ? sval + row * KB : nullptr, wcount);
+    {
+      int16_t* gi = R.win_idx + (int64_t)row * R.k_total + col0;
+      __nv_bfloat16* gv = R.win_val + (int64_t)row * R.k_total + col0;
+      int16_t* si = A.win_smem ? sidx + row * KB : nullptr;
+      __nv_bfloat16* sv = A.win_smem ? sval + row * KB : nullptr;
+      // The upper half of a (free until the moments) holds the fast path's lists.
+      const int cap_w = (SA > S && !MICROADAM_NO_FAST_TOPK) ? min(128, S / (2 * NWARPS)) : 0;
+      if (cap_w == 0 || !topk_fast(a, L, kj, hist, reinterpret_cast<unsigned*>(a + S), cap_w, gi, gv, si, sv,
+                                   sw, wcount, bcast)) {
+        const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast);
+        topk_write(a, L, thr.x, thr.y, gi, gv, si, sv, wcount);
+      }
+    }
+
+    // 4+5 fused, for small power-of-two quant blocks in one pass: Q/8 consecutive lanes
+    // hold one quant block's units; they reduce min/max by shuffles and quantize at once.
+    const bool fused_q = onepass && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0;
+    if (fused_q) {
+      const int seg = Q / 8;
+      const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
+      for (int u0 = 0; u0 < nunits; u0 += THREADS) {
+        const int u = u0 + tid;
+        const int valid = u < nunits ? min(8, L - 8 * u) : 0;
+        float v[8];
+        float mn = INFINITY, mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          v[j] = j < valid ? a[8 * u + j] : 0.0f;
+          if (j < valid) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
+        }
+        for (int o = 1; o < seg; o <<= 1) {
+          mn = fminf(mn, __shfl_xor_sync(FULL, mn, o));
+          mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));
+        }
+        if (valid > 0) {
+          const int64_t q = q0 + u / seg;
+          const float sc = ef_scale(mn, mx), inv = __frcp_rn(sc);
+          if (u % seg == 0) { R.ef_min[q] = mn; R.ef_max[q] = mx; }
+          unsigned w = 0;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (j < valid) w |= quant_code_fast(v[j], mn, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
+          }
+          store_codes(R.ef, base + 8 * u, w, valid, vec_out);
+        }
+      }
+    }
 
     // 4. New min/max per quant block overlapping this top-k block (after zeroing).
     const int nql = (int)((r0 + (unsigned)L - 1u) / (unsigned)Q) + 1;
@@ -168,7 +250,8 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         atomic_max_f(A.ws + A.ws_half + R.ws + q0 + ql, mx);
       }
     };
-    if (Q <= 512) {
+    if (fused_q) {
+    } else if (Q <= 512) {
       for (int ql = warp; ql < nql; ql += NWARPS) {
         const int64_t lo_i = (int64_t)ql * Q - r0;
         const int s = (int)max(lo_i, (int64_t)0), e = (int)min(lo_i + Q, (int64_t)L);
@@ -198,7 +281,7 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
     __syncthreads();
 
     // 5. One pass: requantize here (base is even: no EF byte straddles two blocks).
-    if (onepass) {
+    if (onepass && !fused_q) {
       const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
       for (int u = tid; u < nunits; u += THREADS) {
         const int valid = min(8, L - 8 * u);
@@ -344,10 +427,21 @@ __global__ void __launch_bounds__(THREADS) requant_kernel(StepArgs A) {
       load_unit(grad, R.ef, c0 + i0, valid, vec, g, codes);
       dequant_unit(g, codes, R.ef_min, R.ef_max, q0, r0 + (unsigned)i0, Q, valid, v);
       unsigned w = 0;
-      for (int j = 0; j < valid; ++j) {
-        const int64_t q = q0 + (r0 + (unsigned)(i0 + j)) / (unsigned)Q;
-        const float x = flag[i0 + j] ? 0.0f : v[j];
-        w |= quant_code(x, nmin[q], ef_scale(nmin[q], nmax[q]), A.stochastic, R.step, c0 + i0 + j) << (4 * j);
+      const unsigned off = r0 + (unsigned)i0;
+      if (off % (unsigned)Q + 8u <= (unsigned)Q) {  // the unit lies in one quant block
+        const int64_t q = q0 + off / (unsigned)Q;
+        const float lo = nmin[q], sc = ef_scale(lo, nmax[q]), inv = __frcp_rn(sc);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (j < valid)
+            w |= quant_code_fast(flag[i0 + j] ? 0.0f : v[j], lo, sc, inv, A.stochastic, R.step, c0 + i0 + j) << (4 * j);
+        }
+      } else {
+        for (int j = 0; j < valid; ++j) {
+          const int64_t q = q0 + (off + (unsigned)j) / (unsigned)Q;
+          const float x = flag[i0 + j] ? 0.0f : v[j];
+          w |= quant_code(x, nmin[q], ef_scale(nmin[q], nmax[q]), A.stochastic, R.step, c0 + i0 + j) << (4 * j);
+        }
       }
       // Each thread rewrites only the bytes it read: safe in place.
       store_codes(R.ef, c0 + i0, w, valid, vec);

@@ -145,3 +145,83 @@ __device__ inline void topk_write(float* a, int L, unsigned T, unsigned take_eq,
 }
 
 }  // namespace microadam
+
+namespace microadam {
+
+// Fast path of the whole top-k once the first radix pass has counted `hist`: gather every
+// element whose top 11 bits reach the k-th largest's bin (a superset of the top k, about
+// 2k elements for Gaussian-like data) into per-warp lists in index order, rank them by
+// (key descending, index ascending), and write the k best ascending. Returns false, having
+// written nothing, when the lists overflow (many ties); the caller then runs the general path.
+// `list` holds 2 * cap_w * NWARPS unsigned of scratch.
+__device__ inline bool topk_fast(float* a, int L, int k, unsigned* hist, unsigned* list, int cap_w,
+                                 int16_t* widx, __nv_bfloat16* wval, int16_t* sidx,
+                                 __nv_bfloat16* sval, unsigned* sw, unsigned* wcount, unsigned* bcast) {
+  const uint2 p0 = radix_pass(a, L, 0u, 0u, 20, HIST_BINS, (unsigned)k, hist, sw, bcast, true);
+  const unsigned bin = p0.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  unsigned* lkey = list + warp * 2 * cap_w;
+  unsigned* lidx = lkey + cap_w;
+  const int CW = (((L + NWARPS - 1) / NWARPS) + 31) & ~31;
+  const int w0 = warp * CW, w1 = min(L, w0 + CW);
+  const unsigned lt = (1u << lane) - 1u;
+  unsigned n = 0;
+  for (int s = w0; s < w1; s += 32) {
+    const int i = s + lane;
+    const unsigned key = i < w1 ? mag_key(a[i]) : 0u;
+    const bool match = i < w1 && hist_bin0(key) >= bin;
+    const unsigned mb = __ballot_sync(FULL, match);
+    if (match) {
+      const unsigned slot = n + __popc(mb & lt);
+      if (slot < (unsigned)cap_w) { lkey[slot] = key; lidx[slot] = (unsigned)i; }
+    }
+    n += __popc(mb);
+  }
+  if (lane == 0) wcount[warp] = n;
+  __syncthreads();
+  unsigned total = 0, before = 0;
+  bool overflow = false;
+  for (int w = 0; w < NWARPS; ++w) {
+    overflow |= wcount[w] > (unsigned)cap_w;
+    if (w < warp) before += wcount[w];
+    total += wcount[w];
+  }
+  (void)before;
+  if (overflow || total > (unsigned)THREADS) {
+    __syncthreads();
+    return false;
+  }
+  // Thread t takes entry t of the concatenated lists (index order).
+  const unsigned t = threadIdx.x;
+  unsigned kt = 0, it = 0;
+  bool sel = false;
+  if (t < total) {
+    unsigned off = t;
+    int w = 0;
+    while (off >= wcount[w]) { off -= wcount[w]; ++w; }
+    kt = list[w * 2 * cap_w + off];
+    it = list[w * 2 * cap_w + cap_w + off];
+    unsigned rank = 0;
+    for (int w2 = 0; w2 < NWARPS; ++w2) {
+      const unsigned* k2 = list + w2 * 2 * cap_w;
+      const unsigned* i2 = k2 + cap_w;
+      for (unsigned j = 0; j < wcount[w2]; ++j) {
+        const unsigned kj = k2[j];
+        rank += kj > kt || (kj == kt && i2[j] < it);
+      }
+    }
+    sel = rank < (unsigned)k;
+  }
+  const unsigned pos = block_excl_scan(sel ? 1u : 0u, sw);
+  if (sel) {
+    const __nv_bfloat16 bv = __float2bfloat16_rn(a[it]);
+    widx[pos] = (int16_t)it;
+    wval[pos] = bv;
+    if (sidx) { sidx[pos] = (int16_t)it; sval[pos] = bv; }
+    a[it] = 0.0f;
+  }
+  __syncthreads();
+  return true;
+}
+
+}  // namespace microadam

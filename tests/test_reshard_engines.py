@@ -1,6 +1,7 @@
-"""Resharding the FSDP integration's DCP checkpoints: FSDP2 on 2 gloo ranks -> 1 and 3
-ranks -> training continues; the moved states obey the conservation guarantee; the
-consolidated file loads into a single-process optimizer."""
+"""Resharding the engines' own checkpoints on real gloo processes: FSDP2 DCP checkpoints
+(integrations/fsdp.py) and DeepSpeed ZeRO-2 checkpoints (integrations/deepspeed.py),
+2 ranks -> 1 and 3 ranks -> training continues smoothly; the moved states obey the
+conservation guarantee; a consolidated FSDP2 state loads into a single-process optimizer."""
 
 import fcntl
 import json
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from microadam_dist.checkpoint import io as ckio
 from microadam_dist.checkpoint.__main__ import main as cli
 from microadam_dist.checkpoint.reshard import ShardState
 from microadam_dist.integrations.fsdp import INFO_KEY, META_KEY, rank_key
-from test_reshard import check_conservation
+from test_reshard import check_conservation, decode_all
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -115,3 +117,86 @@ def test_fsdp2_consolidate_loads_in_one_process(fsdp_reference, tmp_path):
     # And back to a 2-rank sharded checkpoint of our own format.
     assert cli(["split", "--src", out, "--dst", str(tmp_path / "two"), "--world-size", "2"]) == 0
     assert ckio.read_meta(str(tmp_path / "two"))["world_size"] == 2
+
+
+# -- DeepSpeed ZeRO-2 ---------------------------------------------------------------------
+
+DS_SCRIPT = os.path.join(HERE, "dist_scripts", "ckpt_ds.py")
+
+
+def ds_launch(world, loss_file, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "--monitor-interval=0.2", DS_SCRIPT, "--steps", str(STEPS), "--loss-file", str(loss_file),
+           *map(str, extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ds_reference(tmp_path_factory):
+    """An uninterrupted 2-rank ZeRO-2 run that saves at step SAVE_AT (once per session)."""
+    shared = tmp_path_factory.getbasetemp().parent / "ds_ckpt_reference"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "done").exists():
+            ds_launch(2, shared / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", shared / "ck")
+            (shared / "done").touch()
+    return shared / "ck", losses(shared / "loss.jsonl")
+
+
+def zero_shards(folder, world):
+    """Per param group: [ShardState] over the padded flat group, real numel (from the files)."""
+    out = []
+    for r in range(world):
+        base = torch.load(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"),
+                          weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+        for gi, t in enumerate(base["microadam"]["partition"]["tensors"]):
+            if len(out) <= gi:
+                out.append([[], t["group_numel"], 0])
+            out[gi][0].append(ShardState(t["global_offset"], t["numel"], base["state"][gi]))
+            out[gi][2] += sum(pc["length"] for pc in t["pieces"])  # real elements, over all ranks
+    return out
+
+
+def test_zero2_reshard_to_1_and_3_then_continue(ds_reference, tmp_path, capsys):
+    src, ref = ds_reference
+    noise = max(abs(ref[t + 1] - ref[t]) for t in range(1, STEPS))
+    before = zero_shards(os.path.join(src, f"global_step{SAVE_AT}"), 2)
+    for world in (1, 3):
+        dst = tmp_path / f"w{world}"
+        assert cli(["reshard", "--src", str(src), "--dst", str(dst), "--world-size", str(world)]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["entries_kept"] + report["entries_folded"] == report["entries_in"] > 0
+        after = zero_shards(os.path.join(dst, f"global_step{SAVE_AT}"), world)
+        for (old, n_old, real_old), (new, n_new, real_new) in zip(before, after):
+            assert real_old == real_new and n_new % (2 * world) == 0  # DeepSpeed's group padding
+            check_padded(old, n_old, new, n_new, real_new)
+        proc = ds_launch(world, tmp_path / f"w{world}.jsonl", "--resume", dst)
+        assert f"resumed from {dst} at step {SAVE_AT}" in proc.stdout
+        got = losses(tmp_path / f"w{world}.jsonl")
+        assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
+        jumps = [abs(got[t] - ref[t]) for t in sorted(got)]
+        print(f"ZeRO-2 2->{world}: max |loss - uninterrupted| = {max(jumps):.2e}, noise {noise:.2e}")
+        assert max(jumps[:4]) < 0.03 * noise
+        assert max(jumps) < noise
+
+
+def check_padded(old, n_old, new, n_new, real):
+    """Conservation over the real elements [0, real) of flat groups padded differently
+    (padding belongs to no parameter)."""
+    ef0, _, e0, _ = decode_all(old, n_old)
+    ef1, q1, e1, _ = decode_all(new, n_new)
+    e0 = {k: v for k, v in e0.items() if k[0] < real}
+    for key, v in e1.items():
+        assert key[0] < real and e0.get(key) == v, key
+    folded = {k: v for k, v in e0.items() if k not in e1}
+    fold = np.zeros(real)
+    for (i, _), v in folded.items():
+        fold[i] += v
+    err = np.abs(ef1[:real] - (ef0[:real] + fold))
+    assert np.all(err <= 0.5 * q1[:real] + 2e-6 * (np.abs(ef0[:real]) + np.abs(fold) + 15 * q1[:real]))
+    # The new padding starts empty: zero up to the rounding of its quant block.
+    assert np.all(np.abs(ef1[real:]) <= 0.5 * q1[real:] + 1e-6 * 15 * q1[real:])

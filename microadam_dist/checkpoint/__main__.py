@@ -7,7 +7,9 @@
 
 `reshard` also accepts a consolidated FILE as --src (then it is `split`), and
 `reshard` / `consolidate` accept an FSDP DCP checkpoint written by
-`integrations.fsdp.save_checkpoint` (FSDP2 or DDP; the output is DCP again). It prints
+`integrations.fsdp.save_checkpoint` (FSDP2 or DDP; the output is DCP again), and
+`reshard` accepts a DeepSpeed ZeRO-1/2 save_dir or tag dir (output: a save_dir
+holding the same tag and `latest`). It prints
 a JSON report: entries kept in the window, folded into the EF, EF blocks copied
 exactly or requantized. See docs/checkpoints.md.
 """
@@ -24,6 +26,7 @@ from .dcp import consolidate_dcp, is_dcp, reshard_dcp
 from .io import CheckpointError, read_meta, verify_file
 from .reshard import ReshardError
 from .sharded import FORMAT, consolidate_dir, reshard_dir, split_file
+from .zero import is_deepspeed, reshard_zero
 
 _INT_FIELDS = ("m", "topk_block", "quant_block")
 _FLOAT_FIELDS = ("lr", "eps", "weight_decay", "density")
@@ -89,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                 verify_file(args.path)
                 print(json.dumps({"ok": True}))
             return 0
-        if args.cmd in ("reshard", "consolidate") and is_dcp(args.src):
+        if args.cmd == "reshard" and is_deepspeed(args.src):
+            if args.set:
+                raise SystemExit("--set is not supported for DeepSpeed checkpoints: DeepSpeed takes the "
+                                 "hyper-parameters from the JSON of the run that loads them")
+            rep = reshard_zero(args.src, args.dst, args.world_size)
+        elif args.cmd in ("reshard", "consolidate") and is_dcp(args.src):
             # An FSDP checkpoint written by integrations.fsdp.save_checkpoint (DCP).
             rep = (reshard_dcp(args.src, args.dst, args.world_size, **_overrides(args.set))
                    if args.cmd == "reshard" else consolidate_dcp(args.src, args.dst))

@@ -73,6 +73,7 @@ class ReshardReport:
     folded_abs_mass: float = 0.0
     ef_blocks_copied: int = 0
     ef_blocks_requantized: int = 0
+    padding_dropped: int = 0  # entries at engine padding (no parameter), see `retarget`
 
     def add(self, other: "ReshardReport") -> None:
         for f in dataclasses.fields(self):
@@ -164,6 +165,24 @@ def materialize(shards: Sequence[ShardState], n: int) -> Materialized:
     cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt)  # noqa: E731
     return Materialized(n=n, step=step, m=m, ef=ef, idx=cat(idx, torch.int64), age=cat(age, torch.int64),
                         val=cat(val, torch.float32), ef_blocks=ef_blocks)
+
+
+def retarget(mat: Materialized, keep: int, n: int) -> Materialized:
+    """The state of elements [0, keep) placed in a tensor of n >= keep elements whose
+    tail [keep, n) starts empty (zero EF, no window entries).
+
+    For engines that pad a flat tensor to a multiple of the world size (ZeRO-1/2): the
+    source padding belongs to no parameter, so its state is dropped, and the destination
+    gets the padding its own world size needs.
+    """
+    if not 0 <= keep <= min(n, mat.n):
+        raise ReshardError(f"cannot keep {keep} elements of a tensor of {mat.n} in one of {n}")
+    sel = mat.idx < keep
+    ef = torch.zeros(n, dtype=torch.float32)
+    ef[:keep] = mat.ef[:keep]
+    blocks = {k: v for k, v in mat.ef_blocks.items() if k[1] <= keep}
+    return Materialized(n=n, step=mat.step, m=mat.m, ef=ef, idx=mat.idx[sel], age=mat.age[sel],
+                        val=mat.val[sel], ef_blocks=blocks)
 
 
 def _keep_order(block: torch.Tensor, age: torch.Tensor, val: torch.Tensor, local: torch.Tensor,
@@ -308,4 +327,4 @@ def split_tensor(state: dict, n: int, dst: Sequence[tuple[int, int]], config: Mi
 
 
 __all__ = ["ShardState", "Materialized", "ReshardReport", "ReshardError", "even_ranges", "materialize",
-           "rebuild_shard", "reshard_tensor", "consolidate_tensor", "split_tensor"]
+           "retarget", "rebuild_shard", "reshard_tensor", "consolidate_tensor", "split_tensor"]

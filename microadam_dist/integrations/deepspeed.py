@@ -45,7 +45,7 @@ class DeepSpeedMicroAdam(MicroAdam):
 
     Same math and state as `MicroAdam`; its state dict also records how this rank's
     tensors map onto the model (`state_dict()["microadam"]["partition"]`, format in
-    `partitions.partition_metadata`), which the reshard tool consumes, and its
+    `ds_partitions.partition_metadata`), which the reshard tool consumes, and its
     `load_state_dict` refuses a state saved under another partitioning.
     """
 
@@ -169,7 +169,9 @@ def _patch_engine(mod: Any) -> None:
         if tag is None:  # as DeepSpeed names it; global_steps does not move during a save
             tag = f"global_step{self.global_steps}"
         out = orig_save(self, save_dir, tag, *args, **kwargs)
-        if isinstance(getattr(self, "basic_optimizer", None), MicroAdam) and self.global_rank == 0:
+        # One writer per storage: rank 0, or each node's local rank 0 with node-local storage.
+        writer = self.local_rank if self.use_node_local_storage() else self.global_rank
+        if isinstance(getattr(self, "basic_optimizer", None), MicroAdam) and writer == 0:
             meta = partitions.partition_metadata(self)
             record = {"format": 1, "signature": partitions.signature(meta),
                       "describe": partitions.describe(partitions.signature(meta)), "rank0": meta}

@@ -272,7 +272,7 @@ def set_optimizer_state_dict(model: torch.nn.Module, optimizer: MicroAdam, state
                                "microadam": {"format": 1, "nonfinite_skips": info["nonfinite_skips"]}})
 
 
-def _expected_layout(optimizer: MicroAdam, info: ShardInfo, group: dict) -> Layout:
+def _expected_layout(info: ShardInfo, group: dict) -> Layout:
     config = MicroAdamConfig(**{k: group[k] for k in MicroAdamConfig.field_names()})
     return Layout.for_numel(info.local_numel, config)
 
@@ -292,10 +292,12 @@ def _mismatch(meta: dict, saved: dict | None, infos: list[ShardInfo], optimizer:
         new = sorted(set(fqns) - set(saved_fqns))[:3]
         return (f"{head}, and its params differ from the optimizer's (only in the checkpoint: {missing}; "
                 f"only in the optimizer: {new}; or another order or grouping)")
-    groups = [g for g in optimizer.param_groups for _ in g["params"]]
+    # As in Optimizer.load_state_dict, the saved hyper-parameters replace the group's.
+    groups = [{**g, **{k: v for k, v in sg.items() if k != "params"}}
+              for g, sg in zip(optimizer.param_groups, meta["param_groups"]) for _ in g["params"]]
     if saved is None:
         info = infos[0] if infos else None
-        need = _expected_layout(optimizer, info, groups[0]).describe() if info else "none"
+        need = _expected_layout(info, groups[0]).describe() if info else "none"
         return (f"{head}: rank {rank} has no state in it (this run needs e.g. {info.fqn if info else ''} "
                 f"[{need}]); {RESHARD_HINT}")
     if saved.get("rank") != rank:
@@ -305,7 +307,7 @@ def _mismatch(meta: dict, saved: dict | None, infos: list[ShardInfo], optimizer:
                 "(saved under a key shared by all ranks, so all but one rank's state is lost)")
     for info, group in zip(infos, groups):
         entry = saved["params"].get(info.fqn)
-        need = _expected_layout(optimizer, info, group)
+        need = _expected_layout(info, group)
         if entry is None:
             if need.n and meta["world_size"] != world:
                 return (f"{head}: rank {rank} holds {info.local_numel} elements of {info.fqn!r} "

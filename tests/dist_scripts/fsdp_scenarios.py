@@ -158,13 +158,18 @@ def scenario(kind, mesh, rank, world, out, tmp):
         resumed_ok.append(same(snapshot(opt2), trajectory[i]))
     res["resume_bitwise"] = resumed_ok
     if kind == "fsdp2":
-        # Same world size, other hyper-parameters: refused with both layouts named.
-        model3, opt3 = build(kind, mesh, seed=2, m=4)
+        # Same world size, another sharding of the same params (FSDP1): refused, both layouts named.
+        model3, opt3 = build("fsdp1_orig", mesh, seed=2)
         try:
             fsdp.load_checkpoint(ckpt, model3, opt3)
-            res["other_m_error"] = None
+            res["other_sharding_error"] = None
         except ValueError as exc:
-            res["other_m_error"] = str(exc)
+            res["other_sharding_error"] = str(exc)
+        # Another m in the constructor: as torch optimizers do, the saved hyper-parameters win.
+        model4, opt4 = build(kind, mesh, seed=3, m=4)
+        fsdp.load_checkpoint(ckpt, model4, opt4)
+        res["m_after_load"] = opt4.param_groups[0]["m"]
+        res["other_m_state_bitwise"] = same(snapshot(opt4), saved)
     return res
 
 

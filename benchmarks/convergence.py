@@ -1,0 +1,241 @@
+"""Convergence evidence: does MicroAdam fine-tune as well as AdamW, with 1/9 of the state?
+
+    python benchmarks/convergence.py --tiny                       # CPU smoke run, < 1 minute
+    python benchmarks/convergence.py                              # one H100: 125M Llama, ~6 minutes
+
+1. Pre-train a Llama-architecture model (byte vocabulary, `--size`) with AdamW on
+   corpus A (`--pretrain-corpus`, default the Python standard library's sources).
+2. From that checkpoint, fine-tune on a different corpus B (`--finetune-corpus`,
+   default PyTorch's C++ headers) for `--finetune-steps` steps with each optimizer of
+   `--optimizers` (default AdamW; MicroAdam m=10, density 1%; the same with stochastic
+   EF rounding): same initial weights, same batches, same LR schedule and clipping.
+3. Report each run's held-out loss on corpus B (files never trained on), its curve,
+   and its optimizer state in bytes per parameter, measured from the state tensors.
+
+Writes OUT/convergence_TAG.json (after every run, so a cut-off run keeps what it
+finished) and OUT/convergence_TAG.png. On CUDA: bf16 autocast, fp32 weights, TF32,
+no torch.compile; MicroAdam's backend is "auto" (the fused kernels when
+`python -m microadam_dist.env` says they load, else the PyTorch reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]  # runs from a plain checkout, not installed
+import common  # noqa: E402
+from microadam_dist import MicroAdam  # noqa: E402
+from microadam_dist.ops import select_backend  # noqa: E402
+
+OPTIMIZERS = {
+    "adamw": dict(label="AdamW"),
+    "microadam": dict(label="MicroAdam (m=10, 1%)", m=10, density=0.01, ef_rounding="nearest"),
+    "microadam_sr": dict(label="MicroAdam (m=10, 1%, stochastic EF)", m=10, density=0.01,
+                         ef_rounding="stochastic"),
+}
+TINY = dict(size="tiny", pretrain_steps=40, finetune_steps=40, batch=4, seq_len=64, eval_every=10,
+            eval_windows=8, max_tokens=400_000, tag="tiny")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: " + json.dumps(TINY))
+    ap.add_argument("--size", default="125m", choices=tuple(common.SIZES))
+    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--finetune-steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak LR, the same for every optimizer")
+    ap.add_argument("--warmup-frac", type=float, default=0.05)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--pretrain-corpus", default="python")
+    ap.add_argument("--finetune-corpus", default="cpp")
+    ap.add_argument("--max-tokens", type=int, default=40_000_000, help="train tokens read per corpus")
+    ap.add_argument("--optimizers", default="adamw,microadam,microadam_sr",
+                    help=f"comma list of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-windows", type=int, default=128)
+    ap.add_argument("--backend", default="auto", choices=("auto", "reference", "cuda"))
+    ap.add_argument("--pretrained", default=None, help="load this pre-trained state_dict instead of pre-training")
+    ap.add_argument("--save-pretrained", default=None, help="save the pre-trained state_dict here")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--tag", default=None, help="file names: convergence_TAG.json/png (default: the size)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        for k, v in TINY.items():  # flags given explicitly win over the --tiny preset
+            if k == "size" or getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
+    args.tag = args.tag or args.size
+    for name in args.optimizers.split(","):
+        if name not in OPTIMIZERS:
+            ap.error(f"--optimizers: unknown {name!r}; expected a comma list of {', '.join(OPTIMIZERS)}")
+    return args
+
+
+class Runner:
+    """Everything one training run needs: device, precision, data, evaluation."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.tok = common.ByteTokenizer()
+        eval_tokens = max(args.eval_windows * (args.seq_len + 1) * 4, 200_000)
+        self.data = {}
+        for phase, corpus in (("pretrain", args.pretrain_corpus), ("finetune", args.finetune_corpus)):
+            train, ev = common.load_corpus(corpus, self.tok, args.max_tokens, eval_tokens)
+            self.data[phase] = (train, common.eval_windows(ev, args.eval_windows, args.seq_len))
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def evaluate(self, model, phase: str) -> float:
+        model.eval()
+        windows = self.data[phase][1]
+        total = 0.0
+        for i in range(0, windows.shape[0], self.args.batch):
+            x = windows[i:i + self.args.batch].to(self.device)
+            with self.autocast():
+                total += float(model(input_ids=x, labels=x).loss) * x.shape[0]
+        model.train()
+        return total / windows.shape[0]
+
+    def train(self, model, opt, phase: str, steps: int, desc: str) -> dict:
+        """Warm-up + cosine schedule, clipping, eval every --eval-every steps; returns the curve."""
+        a = self.args
+        tokens = self.data[phase][0]
+        base = [g["lr"] for g in opt.param_groups]
+        warmup = max(1, int(a.warmup_frac * steps))
+        rows, t0 = [], time.perf_counter()
+        bar = tqdm(range(1, steps + 1), desc=desc, disable=a.no_progress, dynamic_ncols=True, mininterval=2)
+        for step in bar:
+            for g, lr in zip(opt.param_groups, base):
+                g["lr"] = lr * common.lr_factor(step, warmup, steps)
+            # Seeded by the phase and step only: every optimizer sees the same batches.
+            x = common.batch_at(tokens, step, a.seed + (1 if phase == "finetune" else 0), a.batch,
+                                a.seq_len).to(self.device, non_blocking=True)
+            with self.autocast():
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip) if a.clip > 0 else None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            row = {"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"]}
+            if norm is not None:
+                row["grad_norm"] = float(norm)
+            if step % a.eval_every == 0 or step == steps:
+                row["eval_loss"] = self.evaluate(model, phase)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", eval=f"{row['eval_loss']:.3f}")
+            rows.append(row)
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        return {"curve": rows, "final_eval_loss": rows[-1]["eval_loss"], "seconds": seconds,
+                "seconds_per_step": seconds / steps}
+
+
+def make_optimizer(name: str, model, lr: float, backend: str):
+    groups = common.decay_groups(model, 0.0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=torch.cuda.is_available() or None)
+    hyper = {k: v for k, v in OPTIMIZERS[name].items() if k != "label"}
+    return MicroAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, backend=backend, **hyper)
+
+
+def write_results(args, results: dict) -> tuple[str, str]:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"convergence_{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    runs = {r["label"]: r["curve"] for r in results["finetune"].values()}
+    png = common.plot_runs(runs, os.path.join(args.out, f"convergence_{args.tag}.png"),
+                           title=f"Fine-tuning a {results['params'] / 1e6:.0f}M Llama ({args.size}) on "
+                                 f"'{args.finetune_corpus}' after pre-training on '{args.pretrain_corpus}'")
+    return path, png
+
+
+def summarize(results: dict) -> None:
+    runs = results["finetune"]
+    base = runs.get("adamw")
+    print(f"\n{'optimizer':<38} {'final eval loss':>15} {'vs AdamW':>9} {'state B/param':>14} {'s/step':>7}")
+    for r in runs.values():
+        rel = f"{100 * (r['final_eval_loss'] / base['final_eval_loss'] - 1):+.2f}%" if base else "-"
+        print(f"{r['label']:<38} {r['final_eval_loss']:>15.4f} {rel:>9} {r['state_bytes_per_param']:>14.3f} "
+              f"{r['seconds_per_step']:>7.3f}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    runner = Runner(args)
+    dev = runner.device
+    model = common.build_model(None, args.size, runner.tok.vocab_size, seed=args.seed,
+                               max_len=max(2048, args.seq_len)).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_total = (args.pretrain_steps + len(args.optimizers.split(",")) * args.finetune_steps) * args.batch * args.seq_len
+    est = 6 * n_params * tokens_total / 4e14
+    backend = select_backend(args.backend, dev)[0] if args.optimizers != "adamw" else "-"
+    print(f"model {args.size}: {n_params / 1e6:.1f} M params; {tokens_total / 1e6:.0f} M tokens in all; "
+          f"~{est / 60:.1f} min of matmuls at 400 TFLOP/s; device {dev}; MicroAdam backend {backend}", flush=True)
+    results = {"args": vars(args), "params": n_params, "device": torch.cuda.get_device_name() if runner.cuda else "cpu",
+               "torch": torch.__version__, "microadam_backend": backend,
+               "corpora": {p: {"train_tokens": runner.data[p][0].numel(), "eval_windows": runner.data[p][1].shape[0]}
+                           for p in runner.data},
+               "finetune": {}}
+
+    if args.pretrained:
+        model.load_state_dict(torch.load(args.pretrained, map_location=dev))
+        results["pretrain"] = {"loaded": args.pretrained}
+    else:
+        opt = make_optimizer("adamw", model, args.pretrain_lr, args.backend)
+        results["pretrain"] = runner.train(model, opt, "pretrain", args.pretrain_steps, "pretrain AdamW")
+        del opt
+        if args.save_pretrained:
+            torch.save(model.state_dict(), args.save_pretrained)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results["pretrained_eval_loss_on_finetune_corpus"] = runner.evaluate(model, "finetune")
+
+    for name in args.optimizers.split(","):
+        model.load_state_dict(start)
+        opt = make_optimizer(name, model, args.lr, args.backend)
+        run = runner.train(model, opt, "finetune", args.finetune_steps, OPTIMIZERS[name]["label"])
+        run["label"] = OPTIMIZERS[name]["label"]
+        run["state_bytes"] = common.optimizer_state_bytes(opt)
+        run["state_bytes_per_param"] = run["state_bytes"] / n_params
+        run["nonfinite_skips"] = getattr(opt, "nonfinite_skips", 0)
+        results["finetune"][name] = run
+        del opt
+        if runner.cuda:
+            results.setdefault("peak_gpu_memory_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        path, png = write_results(args, results)  # after every run: a cut-off run keeps what it finished
+
+    base = results["finetune"].get("adamw")
+    if base:
+        for name, r in results["finetune"].items():
+            r["eval_loss_vs_adamw"] = r["final_eval_loss"] / base["final_eval_loss"]
+            r["within_2pct_of_adamw"] = bool(r["eval_loss_vs_adamw"] <= 1.02)
+        path, png = write_results(args, results)
+    summarize(results)
+    print(f"\nresults: {path}\nplot:    {png}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Step time of compile-time kernel variants, measured side by side in one process (one GPU).
+
+Each variant is the extension of csrc/ built with extra nvcc defines (see the
+MICROADAM_* switches at the top of csrc/microadam_kernels.cu); the builds run in
+parallel, then every variant times the same Llama-shaped step as step_bench.py.
+
+    python benchmarks/kernel_variants.py --variants "base:,match:-DMICROADAM_HIST_MATCH=1" \
+        --quant-blocks 64,100000 --out variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..")]
+from step_bench import llama_shapes, make_params  # noqa: E402
+from microadam_dist import MicroAdam  # noqa: E402
+from microadam_dist.ops import builder  # noqa: E402
+
+
+def build(name: str, flags: list[str]):
+    from torch.utils import cpp_extension
+    src = builder.source_dir()
+    return cpp_extension.load(
+        name=f"{builder.EXT_NAME}_{builder._sources_digest(src)}_{name}",
+        sources=[str(src / s) for s in builder.SOURCES], extra_include_paths=[str(src)],
+        extra_cflags=builder.CXX_FLAGS, extra_cuda_cflags=builder.NVCC_FLAGS + flags, verbose=False)
+
+
+def time_steps(params, quant_block: int, dtype_name: str, steps: int, wd: float) -> float:
+    opt = MicroAdam(params, lr=1e-4, m=10, density=0.01, quant_block=quant_block, weight_decay=wd,
+                    backend="cuda", nonfinite="off")
+    for _ in range(3):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        opt.step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del opt
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="base:")
+    ap.add_argument("--quant-blocks", default="64,100000")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    variants = [(v.split(":", 1)[0], v.split(":", 1)[1].split()) for v in args.variants.split(",")]
+    if args.build_only:
+        build(args.build_only, dict(variants)[args.build_only])
+        return
+    procs = [subprocess.Popen([sys.executable, __file__, "--variants", args.variants, "--build-only", n])
+             for n, _ in variants]
+    if any(p.wait() for p in procs):
+        raise SystemExit("a variant failed to build")
+    params = make_params(llama_shapes(4096, 11008, args.layers, 32000), torch.bfloat16)
+    rows = []
+    for rep in range(2):  # twice, interleaved: the spread between repeats is the noise
+        for name, flags in variants:
+            mod = build(name, flags)
+            builder.reset()
+            builder._cache.update(module=mod, how=f"variant {name}")
+            for q in map(int, args.quant_blocks.split(",")):
+                ms = time_steps(params, q, "bf16", args.steps, args.weight_decay)
+                rows.append(dict(variant=name, flags=flags, quant_block=q, rep=rep, median_ms=ms))
+                print(f"{name:<12} q={q:<7} rep {rep}: {ms:8.2f} ms", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), layers=args.layers, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

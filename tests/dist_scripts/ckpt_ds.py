@@ -1,0 +1,87 @@
+"""DeepSpeed ZeRO (gloo, CPU) training with "type": "MicroAdam" and DeepSpeed's own
+checkpoints; launched by torchrun from tests/test_reshard_engines.py.
+
+The global batch at step t depends on t only and is split evenly across ranks (its
+size divides by 1, 2, 3 and 4), and DeepSpeed averages gradients over ranks, so runs
+of any world size see the same gradients up to summation order.
+Writes {"step", "loss"} lines to --loss-file (rank 0, appended).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import microadam_dist  # noqa: E402,F401  (registers "type": "MicroAdam")
+
+HYPER = {"lr": 1e-2, "weight_decay": 0.01, "m": 4, "density": 0.1, "topk_block": 64, "quant_block": 48,
+         "backend": "reference"}
+BATCH = 96
+
+
+def build_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(24, 37), torch.nn.Tanh(), torch.nn.Linear(37, 21),
+                               torch.nn.Tanh(), torch.nn.Linear(21, 1))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(7 * 100003 + step)
+    x = torch.randn(BATCH, 24, generator=g)
+    w = torch.linspace(-1, 1, 24)
+    y = torch.sin(x @ w).unsqueeze(1) + 0.3 * (x[:, :1] * x[:, 1:2]) + 0.05 * torch.randn(BATCH, 1, generator=g)
+    return x, y
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--save-at", type=int, default=0)
+    ap.add_argument("--ckpt", default="")
+    ap.add_argument("--resume", default="", help="a checkpoint dir (DeepSpeed save_dir) to load")
+    ap.add_argument("--loss-file", required=True)
+    ap.add_argument("--local_rank", type=int, default=-1)
+    args = ap.parse_args()
+
+    import deepspeed
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip an ~80 s JIT build
+    deepspeed.init_distributed(dist_backend="gloo")
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_model()
+    groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")]},
+              {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
+    config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "MicroAdam", "params": HYPER},
+              "zero_optimization": {"stage": args.stage}, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    start = 0
+    if args.resume:
+        _, client = engine.load_checkpoint(args.resume)
+        start = client["step"]
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {start}", flush=True)
+    per = BATCH // world
+    for t in range(start + 1, args.steps + 1):
+        x, y = batch(t)
+        part = ((engine(x[rank * per:(rank + 1) * per]) - y[rank * per:(rank + 1) * per]) ** 2).mean()
+        engine.backward(part)
+        engine.step()
+        total = part.detach() / world
+        dist.all_reduce(total)
+        if rank == 0:
+            with open(args.loss_file, "a") as f:
+                f.write(json.dumps({"step": t, "loss": float(total), "world": world}) + "\n")
+        if t == args.save_at:
+            engine.save_checkpoint(args.ckpt, client_state={"step": t})
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
