@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# README's demo command: set up .venv, then a 2-process CPU training, MicroAdam vs AdamW.
+# README's demo command: set up .venv, then a 2-process CPU fine-tune through the DeepSpeed JSON
+# ("type": "MicroAdam"), then its AdamW twin on the same data; prints the comparison and the plot's path.
+# Extra arguments go to examples/finetune_deepspeed.py (e.g. --steps 400, --size small, --data docs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/torchrun --standalone --nproc_per_node 2 examples/ddp_compare.py --out runs/demo "$@"
+exec .venv/bin/torchrun --standalone --nproc_per_node 2 examples/finetune_deepspeed.py \
+  --deepspeed_config examples/configs/ds_zero2_microadam.json \
+  --compare examples/configs/ds_zero2_adamw.json \
+  --out runs/demo "$@"
