@@ -26,9 +26,21 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   echo "tests done: $(( $(date +%s) - start )) s"
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
-  python3 benchmarks/step_bench.py --out "$OUT/step_bench.json" 2>&1 | tee "$OUT/step_bench.log"
+  python3 benchmarks/step_bench.py --out "$OUT/step_bench.json" 2>&1
   python3 benchmarks/step_bench.py --weight-decay 0.1 --rows \
-    "bf16:adamw_fused,bf16:microadam_q64,bf16:microadam_q100000" --out "$OUT/step_bench_wd.json" 2>&1 \
-    | tee "$OUT/step_bench_wd.log" | tail -6
+    "bf16:adamw_fused,bf16:microadam_q64,bf16:microadam_q100000" --out "$OUT/step_bench_wd.json" 2>&1 | tail -6
   echo "bench done: $(( $(date +%s) - start )) s"
+fi
+if [ "$what" = all ] || [ "$what" = ncu ]; then
+  # Nsight Compute on one launch of the top-k kernel (one Llama layer), then its hottest source lines.
+  timeout 240 ncu --kernel-name regex:compress_update --launch-skip 3 --launch-count 1 --import-source yes \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+    --section InstructionStats --section SourceCounters -o /tmp/prof -f \
+    python3 benchmarks/profile_step.py --quant-block 64 --layers 1 > /tmp/ncu_run.log 2>&1
+  ncu -i /tmp/prof.ncu-rep > "$OUT/ncu_details.txt" 2>&1
+  ncu -i /tmp/prof.ncu-rep --page source --csv --print-source cuda > /tmp/src.csv 2> "$OUT/ncu_src_err.txt"
+  python3 benchmarks/ncu_top_lines.py /tmp/src.csv --top 45 > "$OUT/ncu_top_lines.txt" 2>&1
+  grep -E "Duration|Executed Instructions  |Eligible Warps|Achieved Occupancy|Warp Cycles Per Issued" "$OUT/ncu_details.txt"
+  head -30 "$OUT/ncu_top_lines.txt"
+  echo "ncu done: $(( $(date +%s) - start )) s"
 fi

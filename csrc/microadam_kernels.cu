@@ -15,9 +15,6 @@
 #include <climits>
 
 // Compile-time variants, measured by benchmarks/kernel_variants.py; the defaults are the build.
-#ifndef MICROADAM_HIST_MATCH
-#define MICROADAM_HIST_MATCH 0  // warp-aggregated histogram atomics (__match_any_sync)
-#endif
 #ifndef MICROADAM_NO_FAST_TOPK
 #define MICROADAM_NO_FAST_TOPK 0  // 1: always the general threshold path of the top-k
 #endif
@@ -68,6 +65,24 @@ __device__ __forceinline__ void dequant_unit(const float (&g)[8], unsigned codes
       const float lo = mins[qj];
       out[j] = __fadd_rn(g[j], dequant_code((codes >> (4 * j)) & 15u, lo, ef_scale(lo, maxs[qj])));
     }
+  }
+}
+
+// A unit of 8 floats to / from shared memory: two 16-byte accesses when whole (a lane's
+// scalar accesses at stride 8 floats would conflict 8 ways); missing elements read as 0.
+__device__ __forceinline__ void store_unit(float* s, const float (&v)[8], int valid) {
+  if (valid == 8) {
+    store8(s, v);
+  } else {
+    for (int j = 0; j < valid; ++j) s[j] = v[j];
+  }
+}
+__device__ __forceinline__ void load_unit_smem(const float* s, float (&v)[8], int valid) {
+  if (valid == 8) {
+    load8(s, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = j < valid ? s[j] : 0.0f;
   }
 }
 
@@ -132,36 +147,6 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
     // 2. a = g + Q^-1(EF) with the ranges of the previous step; two units in flight per thread.
     const bool vec_in = (base % 8 == 0) && aligned16(grad + base) &&
                         (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
-#if MICROADAM_HIST_MATCH
-    // The loop bound is warp-uniform (u0 - lane), so the whole warp takes part in every
-    // match: lanes whose keys share a bin add their count with one atomic.
-    for (int u0 = tid - lane; u0 < nunits; u0 += 2 * THREADS) {
-      float g[2][8];
-      unsigned codes[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int u = u0 + lane + h * THREADS;
-        if (u < nunits) load_unit(grad, R.ef, base + 8 * u, min(8, L - 8 * u), vec_in, g[h], codes[h]);
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int u = u0 + lane + h * THREADS;
-        const int valid = u < nunits ? min(8, L - 8 * u) : 0;
-        float out[8];
-        if (valid > 0) dequant_unit(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          unsigned bin = 0xffffffffu;
-          if (j < valid) {
-            a[8 * u + j] = out[j];
-            bin = hist_bin0(mag_key(out[j]));
-          }
-          const unsigned peers = __match_any_sync(FULL, bin);
-          if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
-        }
-      }
-    }
-#else
     for (int u0 = tid; u0 < nunits; u0 += 2 * THREADS) {
       float g[2][8];
       unsigned codes[2];
@@ -177,13 +162,10 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         const int valid = min(8, L - 8 * u);
         float out[8];
         dequant_unit(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
-        for (int j = 0; j < valid; ++j) {
-          a[8 * u + j] = out[j];
-          atomicAdd(&hist[hist_bin0(mag_key(out[j]))], 1u);  // first radix pass of the top-k
-        }
+        store_unit(a + 8 * u, out, valid);
+        for (int j = 0; j < valid; ++j) atomicAdd(&hist[hist_bin0(mag_key(out[j]))], 1u);  // first radix pass
       }
     }
-#endif
     __syncthreads();
 
     // 3. Top-k into window row (t-1) mod m, ascending; zero the kept entries.
@@ -212,9 +194,9 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         const int valid = u < nunits ? min(8, L - 8 * u) : 0;
         float v[8];
         float mn = INFINITY, mx = -INFINITY;
+        load_unit_smem(a + 8 * u, v, valid);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          v[j] = j < valid ? a[8 * u + j] : 0.0f;
           if (j < valid) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
         }
         for (int o = 1; o < seg; o <<= 1) {
@@ -289,10 +271,12 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         const int ql0 = (int)((8u * u) / (unsigned)Q);
         if ((8u * u) % (unsigned)Q + 8u <= (unsigned)Q) {  // the unit lies in one quant block
           const float lo = smin[ql0], sc = sscale[ql0], inv = sinv[ql0];
+          float v[8];
+          load_unit_smem(a + 8 * u, v, valid);
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
             if (j < valid)
-              w |= quant_code_fast(a[8 * u + j], lo, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
+              w |= quant_code_fast(v[j], lo, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
           }
         } else {
           for (int j = 0; j < valid; ++j) {
@@ -320,7 +304,11 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
     const bool vec_p = (base % 8 == 0) && aligned16(param + base);
     for (int c0 = 0; c0 < L; c0 += CH) {
       const int c1 = min(L, c0 + CH);
-      for (int i = tid; i < c1 - c0; i += THREADS) { acc1[i] = 0.0f; acc2[i] = -1.0f; }
+      // CH is a multiple of 8 and a is 16-byte aligned: whole float4 stores.
+      for (int i = 4 * tid; i < CH; i += 4 * THREADS) {
+        *reinterpret_cast<float4*>(acc1 + i) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        *reinterpret_cast<float4*>(acc2 + i) = make_float4(-1.0f, -1.0f, -1.0f, -1.0f);
+      }
       if (tid == 0) bcast[3] = 0u;
       __syncthreads();
       for (int r = 0; r < m; ++r) {
@@ -362,9 +350,11 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         // Positions in no window row: m_hat = v_hat = 0, so theta*decay - lr*(0/(0+eps)).
         for (int u = tid; u < (c1 - c0 + 7) / 8; u += THREADS) {
           const int i0 = 8 * u, valid = min(8, c1 - c0 - i0);
+          float s2[8];
+          load_unit_smem(acc2 + i0, s2, valid);
           bool none = valid == 8;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) none = none && acc2[i0 + j] < 0.0f;
+          for (int j = 0; j < 8; ++j) none = none && s2[j] < 0.0f;
           if (vec_p && none) {
             float v[8];
             load8(param + base + c0 + i0, v);
@@ -373,7 +363,7 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
             store8(param + base + c0 + i0, v);
           } else {
             for (int j = 0; j < valid; ++j) {
-              if (acc2[i0 + j] >= 0.0f) continue;
+              if (s2[j] >= 0.0f) continue;
               float pv = to_f(param[base + c0 + i0 + j]);
               if (A.has_decay) pv = __fmul_rn(pv, A.decay);
               param[base + c0 + i0 + j] = from_f<P>(__fsub_rn(pv, z));

@@ -150,8 +150,8 @@ namespace microadam {
 
 // Fast path of the whole top-k once the first radix pass has counted `hist`: gather every
 // element whose top 11 bits reach the k-th largest's bin (a superset of the top k, about
-// 2k elements for Gaussian-like data) into per-warp lists in index order, rank them by
-// (key descending, index ascending), and write the k best ascending. Returns false, having
+// 2k elements for Gaussian-like data) into per-warp lists in index order, rank the bin's
+// own members by (key descending, index ascending), and write the k best ascending. Returns false, having
 // written nothing, when the lists overflow (many ties); the caller then runs the general path.
 // `list` holds 2 * cap_w * NWARPS unsigned of scratch.
 __device__ inline bool topk_fast(float* a, int L, int k, unsigned* hist, unsigned* list, int cap_w,
@@ -179,39 +179,55 @@ __device__ inline bool topk_fast(float* a, int L, int k, unsigned* hist, unsigne
   }
   if (lane == 0) wcount[warp] = n;
   __syncthreads();
-  unsigned total = 0, before = 0;
+  unsigned total = 0;
   bool overflow = false;
   for (int w = 0; w < NWARPS; ++w) {
     overflow |= wcount[w] > (unsigned)cap_w;
-    if (w < warp) before += wcount[w];
     total += wcount[w];
   }
-  (void)before;
   if (overflow || total > (unsigned)THREADS) {
     __syncthreads();
     return false;
   }
-  // Thread t takes entry t of the concatenated lists (index order).
+  // Thread t takes entry t of the concatenated lists (index order). Entries above the
+  // k-th largest's bin are kept; the bin's own members (need of them are kept) are listed
+  // apart, in the histogram's memory (free now), and ranked by (key desc, index asc).
+  const unsigned need = (unsigned)k - p0.y;
+  unsigned* ekey = hist;
+  unsigned* eidx = hist + THREADS;
+  unsigned* erank = hist + 2 * THREADS;
+  if (threadIdx.x == 0) bcast[2] = 0u;
+  __syncthreads();
   const unsigned t = threadIdx.x;
-  unsigned kt = 0, it = 0;
-  bool sel = false;
+  unsigned kt = 0, it = 0, eslot = 0;
+  bool in_bin = false;
   if (t < total) {
     unsigned off = t;
     int w = 0;
     while (off >= wcount[w]) { off -= wcount[w]; ++w; }
     kt = list[w * 2 * cap_w + off];
     it = list[w * 2 * cap_w + cap_w + off];
-    unsigned rank = 0;
-    for (int w2 = 0; w2 < NWARPS; ++w2) {
-      const unsigned* k2 = list + w2 * 2 * cap_w;
-      const unsigned* i2 = k2 + cap_w;
-      for (unsigned j = 0; j < wcount[w2]; ++j) {
-        const unsigned kj = k2[j];
-        rank += kj > kt || (kj == kt && i2[j] < it);
-      }
+    in_bin = hist_bin0(kt) == bin;
+    if (in_bin) {
+      eslot = atomicAdd(&bcast[2], 1u);
+      ekey[eslot] = kt;
+      eidx[eslot] = it;
     }
-    sel = rank < (unsigned)k;
   }
+  __syncthreads();
+  // One warp per bin member, its lanes over the other members: about neq^2 / THREADS
+  // comparisons a thread, spread over every warp.
+  const unsigned neq = bcast[2];
+  for (unsigned e = warp; e < neq; e += NWARPS) {
+    const unsigned ke = ekey[e], ie = eidx[e];
+    unsigned c = 0;
+    for (unsigned j = lane; j < neq; j += 32) c += ekey[j] > ke || (ekey[j] == ke && eidx[j] < ie);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) c += __shfl_xor_sync(FULL, c, o);
+    if (lane == 0) erank[e] = c;
+  }
+  __syncthreads();
+  const bool sel = t < total && (!in_bin || erank[eslot] < need);
   const unsigned pos = block_excl_scan(sel ? 1u : 0u, sw);
   if (sel) {
     const __nv_bfloat16 bv = __float2bfloat16_rn(a[it]);

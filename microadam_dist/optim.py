@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import MicroAdamConfig, normalize_kwargs
 from .layout import STATE_KEYS, Layout
@@ -63,6 +64,9 @@ class MicroAdam(torch.optim.Optimizer):
         given.update(aliases)
         config = MicroAdamConfig.from_kwargs(**given)
         self.nonfinite_skips = 0
+        # param -> (its state's layout tensor, numel and block hyper-parameters, Layout): the
+        # layout check of _state_for, skipped while neither the state nor the group changed.
+        self._layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()
         super().__init__(params, config.as_dict())
 
     # -- param groups ---------------------------------------------------------------
@@ -79,12 +83,6 @@ class MicroAdam(torch.optim.Optimizer):
         except ValueError as exc:
             raise ValueError(f"param_groups[{index}]: {exc}") from None
 
-    @staticmethod
-    def _param_name(group: dict[str, Any], gi: int, pi: int, p: torch.Tensor) -> str:
-        names = group.get("param_names")
-        label = f"{names[pi]!r} " if names else ""
-        return f"{label}(param_groups[{gi}]['params'][{pi}], shape {tuple(p.shape)}, {p.dtype})"
-
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -94,22 +92,18 @@ class MicroAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        work: list[tuple[MicroAdamConfig, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]]]] = []
+        # (config, [(param, local param, local grad, (group index, param index))]) per group.
+        work: list[tuple[MicroAdamConfig, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]]]] = []
         for gi, group in enumerate(self.param_groups):
             config = self._group_config(group, gi)
             items = []
             for pi, p in enumerate(group["params"]):
-                if p.grad is None or p.numel() == 0:
-                    continue
-                name = self._param_name(group, gi, pi, p)
                 grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError(f"MicroAdam does not support sparse gradients: {name}")
-                if p.is_complex() or grad.is_complex():
-                    raise RuntimeError(f"MicroAdam does not support complex params or gradients: {name}")
-                if grad.shape != p.shape:
-                    raise RuntimeError(f"gradient shape {tuple(grad.shape)} differs from its param: {name}")
-                items.append((p, local_tensor(p), local_tensor(grad), name))
+                if grad is None or p.numel() == 0:
+                    continue
+                if grad.is_sparse or p.is_complex() or grad.is_complex() or grad.shape != p.shape:
+                    self._reject_grad(p, grad, (gi, pi))
+                items.append((p, local_tensor(p), local_tensor(grad), (gi, pi)))
             if items:
                 work.append((config, items))
 
@@ -122,55 +116,89 @@ class MicroAdam(torch.optim.Optimizer):
                            eps=float(config.eps), weight_decay=float(config.weight_decay),
                            ef_rounding=config.ef_rounding)
             by_device: dict[torch.device, list[ShardJob]] = {}
-            for p, p_local, g_local, name in items:
+            steps = []
+            for p, p_local, g_local, where in items:
                 if p_local.numel() == 0:  # e.g. an FSDP rank that holds no part of this param
                     continue
-                state = self._state_for(p, p_local, config, name)
-                state["step"] += 1
-                by_device.setdefault(p_local.device, []).append(
-                    ShardJob(p_local, g_local, state, Layout.from_tensor(state["layout"]), name))
+                state, layout = self._state_for(p, p_local, config, where)
+                steps.append(state["step"])
+                by_device.setdefault(p_local.device, []).append(ShardJob(p_local, g_local, state, layout, where))
+            if steps:
+                torch._foreach_add_(steps, 1)  # one call for every (CPU) step counter
             for device, jobs in by_device.items():
                 _, run = select_backend(config.backend, device)
                 run(jobs, hp)
         return loss
 
+    def _name(self, where: tuple[int, int]) -> str:
+        """Readable name of param_groups[gi]['params'][pi] for error messages."""
+        gi, pi = where
+        group = self.param_groups[gi]
+        p = group["params"][pi]
+        names = group.get("param_names")
+        label = f"{names[pi]!r} " if names else ""
+        return f"{label}(param_groups[{gi}]['params'][{pi}], shape {tuple(p.shape)}, {p.dtype})"
+
+    def _reject_grad(self, p: torch.Tensor, grad: torch.Tensor, where: tuple[int, int]) -> None:
+        name = self._name(where)
+        if grad.is_sparse:
+            raise RuntimeError(f"MicroAdam does not support sparse gradients: {name}")
+        if p.is_complex() or grad.is_complex():
+            raise RuntimeError(f"MicroAdam does not support complex params or gradients: {name}")
+        raise RuntimeError(f"gradient shape {tuple(grad.shape)} differs from its param: {name}")
+
     def _state_for(self, p: torch.Tensor, p_local: torch.Tensor, config: MicroAdamConfig,
-                   name: str) -> dict:
-        expected = Layout.for_numel(p_local.numel(), config)
+                   where: tuple[int, int]) -> tuple[dict, Layout]:
+        """The param's state (created on its first step) and its layout, checked against the
+        layout the param and its group need now. The check is cached per state object."""
         state = self.state[p]
+        cached = self._layouts.get(p)
+        key = (p_local.numel(), config.topk_block, config.density, config.quant_block, config.m)
+        if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
+            return state, cached[2]
+        expected = Layout.for_numel(p_local.numel(), config)
         if not state:
             state.update(expected.new_state(p_local.device))
-            return state
-        have = Layout.from_tensor(state["layout"])
-        if have != expected:
-            raise RuntimeError(
-                f"MicroAdam state of {name} has layout [{have.describe()}] but the param and "
-                f"its group now need [{expected.describe()}]; {RESHARD_HINT}")
-        return state
+        else:
+            have = Layout.from_tensor(state["layout"])
+            if have != expected:
+                raise RuntimeError(
+                    f"MicroAdam state of {self._name(where)} has layout [{have.describe()}] but the param "
+                    f"and its group now need [{expected.describe()}]; {RESHARD_HINT}")
+        self._layouts[p] = (state["layout"], key, expected)
+        return state, expected
 
     def _gradients_ok(self, work) -> bool:
-        """False when the step must be skipped; raises in "raise" mode. One host sync."""
-        checked = [(config, g, name) for config, items in work if config.nonfinite != "off"
-                   for _, _, g, name in items]
+        """False when the step must be skipped; raises in "raise" mode. One host sync.
+
+        The max-norm of every gradient (one fused multi-tensor reduction per device, no
+        d-sized temporary) is NaN or Inf exactly when the gradient holds a NaN or an Inf.
+        """
+        checked = [(config, g, where) for config, items in work if config.nonfinite != "off"
+                   for _, _, g, where in items]
         if not checked:
             return True
-        # float64 sums: no d-sized temporary, no overflow for finite fp32/bf16/fp16 values.
         by_device: dict[torch.device, list] = {}
         for entry in checked:
             by_device.setdefault(entry[1].device, []).append(entry)
         order = [e for entries in by_device.values() for e in entries]
-        finite = torch.cat([torch.isfinite(torch.stack([g.sum(dtype=torch.float64) for _, g, _ in es])).cpu()
-                            for es in by_device.values()])
+        finite = torch.cat([torch.isfinite(torch.stack(torch._foreach_norm([g for _, g, _ in es], float("inf"))))
+                            .cpu() for es in by_device.values()])
         if bool(finite.all()):
             return True
-        bad = [(config, name) for (config, _, name), ok in zip(order, finite.tolist()) if not ok]
-        raising = [name for config, name in bad if config.nonfinite == "raise"]
+        bad = [(config, where) for (config, _, where), ok in zip(order, finite.tolist()) if not ok]
+        raising = [self._name(where) for config, where in bad if config.nonfinite == "raise"]
         if raising:
             raise FloatingPointError(
                 f"MicroAdam: non-finite gradient in {raising[0]}"
                 + (f" and {len(raising) - 1} more" if len(raising) > 1 else "")
                 + "; params and state are unchanged (nonfinite='raise')")
         return False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_layouts", WeakIdKeyDictionary())
+        self.__dict__.setdefault("nonfinite_skips", 0)
 
     # -- state dict ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -214,7 +242,7 @@ class MicroAdam(torch.optim.Optimizer):
                 st = state_dict["state"].get(key)
                 if st is None:
                     continue
-                name = self._param_name(g, gi, pi, p)
+                name = self._name((gi, pi))
                 _check_entry(st, Layout.for_numel(local_tensor(p).numel(), config), name)
         return pairs
 

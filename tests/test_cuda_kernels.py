@@ -209,3 +209,32 @@ def test_huge_tensor_64bit_offsets(seed):
         assert torch.equal(st["ef_min"][s // Q:-(-e // Q)].cpu(), rs["ef_min"]), name
         assert torch.equal(st["ef_max"][s // Q:-(-e // Q)].cpu(), rs["ef_max"]), name
         assert torch.equal(p.detach()[s:e].cpu().view(torch.int16), pc.detach().view(torch.int16)), name
+
+
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_skips_the_step_on_cuda(gdtype, bad, seed):
+    """nonfinite="skip" on CUDA tensors: one NaN/Inf anywhere leaves every param and state
+    tensor bitwise unchanged and counts the step; a later finite step runs."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda", generator=gen)) for n in (4097, 12345)]
+    opt = MicroAdam(params, backend="cuda", lr=1e-2)
+    for p in params:
+        set_grad(p, torch.randn(p.shape, device="cuda", generator=gen).to(gdtype))
+    opt.step()
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+    for p in params:
+        set_grad(p, torch.randn(p.shape, device="cuda", generator=gen).to(gdtype))
+    at = int(torch.randint(0, 12345, (1,), generator=torch.Generator().manual_seed(seed)))
+    params[1].grad[at] = bad
+    opt.step()
+    assert opt.nonfinite_skips == 1
+    for p, (p0, s0) in zip(params, before):
+        assert torch.equal(p.detach(), p0)
+        for k, v in s0.items():
+            assert torch.equal(opt.state[p][k].view(torch.uint8) if v.dtype == torch.bfloat16 else opt.state[p][k],
+                               v.view(torch.uint8) if v.dtype == torch.bfloat16 else v), k
+    params[1].grad[at] = 0.0
+    opt.step()
+    assert opt.nonfinite_skips == 1 and int(opt.state[params[0]]["step"]) == 2
+    assert not torch.equal(params[0].detach(), before[0][0])

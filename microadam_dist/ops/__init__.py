@@ -17,13 +17,14 @@ from .reference import StepHyper
 
 
 class ShardJob(NamedTuple):
-    """One tensor's work in a step: param and grad are any shape (viewed flat), state per layout.py."""
+    """One tensor's work in a step: param and grad are any shape (viewed flat), state per
+    layout.py; `where` = (group index, param index) in the optimizer's param_groups."""
 
     param: torch.Tensor
     grad: torch.Tensor
     state: dict
     layout: Layout
-    name: str
+    where: tuple
 
 
 def run_reference(jobs: list[ShardJob], hp: StepHyper) -> None:

@@ -86,8 +86,13 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
         fallback(rest, hp)
 
 
+@functools.lru_cache(maxsize=4096)
+def _one_pass(module, n: int, topk_block: int, quant_block: int) -> bool:
+    return bool(module.one_pass(n, topk_block, quant_block))
+
+
 def _needs_second_pass(module, lay: Layout) -> bool:
-    return not module.one_pass(lay.n, lay.topk_block, lay.quant_block)
+    return not _one_pass(module, lay.n, lay.topk_block, lay.quant_block)
 
 
 def _workspace_batches(module, group: list):
@@ -111,6 +116,7 @@ def _beta_powers(beta1: float, beta2: float, m: int, device: torch.device) -> to
     return torch.cat([(beta1 ** ages).to(torch.float32), (beta2 ** ages).to(torch.float32)]).to(device)
 
 
+@functools.lru_cache(maxsize=256)
 def _coef_bits(beta1: float, beta2: float, step: int) -> int:
     c1 = (1.0 - beta1) / (1.0 - beta1 ** step)
     c2 = (1.0 - beta2) / (1.0 - beta2 ** step)
