@@ -119,7 +119,8 @@ def adapt_config(path: str, cuda: bool) -> tuple[dict, dict, list[str]]:
 
 
 def parse_args(argv: list[str] | None, cuda: bool):
-    """(ScriptArguments, TrainingArguments, notes): JSON values as defaults, the command line on top."""
+    """(ScriptArguments, TrainingArguments, JSON path, notes): the JSON's values as defaults, the
+    command line on top, the adapted JSON (a dict) as TrainingArguments.deepspeed."""
     from transformers import HfArgumentParser, TrainingArguments
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--deepspeed", default=None)
@@ -128,7 +129,9 @@ def parse_args(argv: list[str] | None, cuda: bool):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     notes: list[str] = []
     defaults = {}
-    if known.deepspeed and os.path.isfile(known.deepspeed):
+    if known.deepspeed:
+        if not os.path.isfile(known.deepspeed):
+            parser.error(f"--deepspeed {known.deepspeed}: no such file (see examples/configs/)")
         cfg, defaults, notes = adapt_config(known.deepspeed, cuda)
         defaults["deepspeed"] = cfg
     defaults.setdefault("max_steps", 200)
@@ -138,7 +141,7 @@ def parse_args(argv: list[str] | None, cuda: bool):
     parser.set_defaults(**defaults)
     # The adapted dict replaces the path (the Trainer reads the JSON when the arguments are built).
     rest = list(sys.argv[1:] if argv is None else argv)
-    if known.deepspeed and "deepspeed" in defaults:
+    if known.deepspeed:
         i = next(i for i, a in enumerate(rest) if a == "--deepspeed" or a.startswith("--deepspeed="))
         del rest[i:i + (1 if "=" in rest[i] else 2)]
     script, targs = parser.parse_args_into_dataclasses(rest)
@@ -212,6 +215,7 @@ def metrics_callback(metrics: common.Metrics, tokens_per_step: int):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse, build data and model, train with the Trainer, then write the summary, table and plot."""
     import deepspeed
     from transformers import Trainer
     cuda = torch.cuda.is_available()
@@ -219,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         # DeepSpeed would otherwise compile its shared-memory CPU all-reduce (~80 s); gloo is enough here.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if not any(v in os.environ for v in ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        # `python examples/hf_trainer.py ...` without a launcher: a world of one process,
+        # instead of DeepSpeed's search for an MPI launcher.
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(29500 + os.getpid() % 1000)).items():
+            os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     script, targs, json_path, notes = parse_args(argv, cuda)
     rank, world = targs.process_index, targs.world_size
