@@ -6,6 +6,8 @@
     # the AdamW twin into the same folder: the table and the plot then compare both
     torchrun --standalone --nproc_per_node 2 examples/hf_trainer.py \\
         --deepspeed examples/configs/ds_zero2_adamw.json --out runs/hf
+    # one process, no launcher (a world of one):
+    python examples/hf_trainer.py --deepspeed examples/configs/ds_zero3_microadam.json --max_steps 50
     # GPUs, a real model and corpus (any TrainingArguments flag works):
     deepspeed --num_gpus 8 examples/hf_trainer.py --deepspeed examples/configs/ds_zero3_microadam.json \\
         --model meta-llama/Llama-3.2-1B --data my_corpus/ --seq_len 2048 --max_steps 2000
