@@ -21,7 +21,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from step_bench import llama_shapes, make_params  # noqa: E402
+from step_bench import llama_shapes, make_params, step_times  # noqa: E402
 from microadam_dist import MicroAdam  # noqa: E402
 from microadam_dist.ops import builder  # noqa: E402
 
@@ -35,21 +35,12 @@ def build(name: str, flags: list[str]):
         extra_cflags=builder.CXX_FLAGS, extra_cuda_cflags=builder.NVCC_FLAGS + flags, verbose=False)
 
 
-def time_steps(params, quant_block: int, dtype_name: str, steps: int, wd: float) -> float:
+def time_steps(params, quant_block: int, steps: int, wd: float) -> float:
     opt = MicroAdam(params, lr=1e-4, m=10, density=0.01, quant_block=quant_block, weight_decay=wd,
                     backend="cuda", nonfinite="off")
     for _ in range(3):
         opt.step()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        opt.step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del opt
-    return statistics.median(times)
+    return statistics.median(step_times(opt, steps))
 
 
 def main():
@@ -78,7 +69,7 @@ def main():
             builder.reset()
             builder._cache.update(module=mod, how=f"variant {name}")
             for q in map(int, args.quant_blocks.split(",")):
-                ms = time_steps(params, q, "bf16", args.steps, args.weight_decay)
+                ms = time_steps(params, q, args.steps, args.weight_decay)
                 rows.append(dict(variant=name, flags=flags, quant_block=q, rep=rep, median_ms=ms))
                 print(f"{name:<12} q={q:<7} rep {rep}: {ms:8.2f} ms", flush=True)
     if args.out:

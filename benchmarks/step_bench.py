@@ -68,6 +68,19 @@ def state_bytes(opt) -> int:
     return total
 
 
+def step_times(opt, steps: int) -> list[float]:
+    """Milliseconds of each of `steps` calls of opt.step(), timed with CUDA events."""
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        opt.step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
 def time_row(kind, dtype, shapes, args):
     params = make_params(shapes, dtype)
     nparams = sum(p.numel() for p in params)
@@ -77,14 +90,7 @@ def time_row(kind, dtype, shapes, args):
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        opt.step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    times = step_times(opt, args.steps)
     transient = torch.cuda.max_memory_allocated() - held
     row = dict(optimizer=kind, param_dtype=str(dtype).replace("torch.", ""), params=nparams,
                median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
