@@ -298,3 +298,21 @@ def plot_runs(runs: dict[str, list[dict]], path: str, title: str = "", smooth_wi
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def adapt_ds_config_for_cpu(cfg: dict) -> list[str]:
+    """Make a DeepSpeed JSON meant for GPUs run on CPU processes, in place; returns what changed.
+
+    DeepSpeed's fused Adam and its bf16/fp16 paths are built for GPUs: mixed precision is
+    turned off and Adam/AdamW use torch's implementation (`torch_adam`).
+    """
+    notes = []
+    for key in ("bf16", "fp16"):
+        if cfg.get(key, {}).get("enabled") is True:
+            cfg[key]["enabled"] = False
+            notes.append(f"{key} off")
+    opt = cfg.get("optimizer", {})
+    if opt.get("type", "").lower() in ("adam", "adamw"):
+        opt.setdefault("params", {})["torch_adam"] = True
+        notes.append("torch_adam")
+    return notes

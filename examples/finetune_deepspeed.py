@@ -82,14 +82,7 @@ def load_config(args, cuda: bool, rank: int) -> dict:
         if sched.get("warmup_num_steps", 0) >= args.steps:
             sched["warmup_num_steps"] = max(1, args.steps // 10)
     if not cuda:
-        for key in ("bf16", "fp16"):
-            if cfg.get(key, {}).get("enabled") is True:
-                cfg[key]["enabled"] = False
-                notes.append(f"{key} off")
-        opt = cfg.get("optimizer", {})
-        if opt.get("type", "").lower() in ("adam", "adamw"):
-            opt.setdefault("params", {})["torch_adam"] = True
-            notes.append("torch_adam")
+        notes += common.adapt_ds_config_for_cpu(cfg)
     if notes and rank == 0:
         print(f"[finetune_deepspeed] CPU run: {', '.join(notes)} (the JSON is meant for GPUs)", flush=True)
     return cfg

@@ -95,15 +95,7 @@ def adapt_config(path: str, cuda: bool) -> tuple[dict, dict, list[str]]:
         cfg = json.load(f)
     notes = []
     if not cuda:
-        # DeepSpeed's fused Adam and mixed precision are built for GPUs.
-        for key in ("bf16", "fp16"):
-            if cfg.get(key, {}).get("enabled") is True:
-                cfg[key]["enabled"] = False
-                notes.append(f"{key} off")
-        opt = cfg.get("optimizer", {})
-        if opt.get("type", "").lower() in ("adam", "adamw"):
-            opt.setdefault("params", {})["torch_adam"] = True
-            notes.append("torch_adam")
+        notes += common.adapt_ds_config_for_cpu(cfg)
     defaults: dict = {}
     for key, field in JSON_TO_ARGS:
         node, leaf = _node(cfg, key)
