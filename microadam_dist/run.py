@@ -10,6 +10,12 @@ the script, its folder first on `sys.path`), after `"type": "MicroAdam"` has bee
 made valid for DeepSpeed. Launchers that pass `--local_rank=N` before the script
 (the deepspeed launcher does) have it moved behind the script's name, where a
 directly launched script would have received it.
+
+When the script returns normally with a process group still initialized, the run
+ends through `teardown.finish()` (final barrier, destroy_process_group, flush,
+`os._exit(0)`): with torch 2.13 + gloo a normal interpreter exit can abort a rank
+after its work is done (see microadam_dist/teardown.py). An exception or
+`sys.exit` in the script propagates unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         if sys.path and sys.path[0] != "":
             sys.path.insert(0, os.getcwd())  # `python -m` puts the working directory first
         runpy.run_module(module, run_name="__main__", alter_sys=True)
+        _finish()
         return
     script, args = rest[0], rest[1:]
     if not os.path.isfile(script):
@@ -62,6 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     # `python script.py` puts the script's folder first on sys.path; `-m microadam_dist.run` put the cwd there.
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     runpy.run_path(script, run_name="__main__")
+    _finish()
+
+
+def _finish() -> None:
+    from .teardown import finish
+
+    finish()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import microadam_dist  # noqa: E402,F401  (registers "type": "MicroAdam")
+from microadam_dist.teardown import finish  # noqa: E402
 
 HYPER = {"lr": 1e-2, "weight_decay": 0.01, "m": 4, "density": 0.1, "topk_block": 64, "quant_block": 48,
          "backend": "reference"}
@@ -41,6 +42,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--sub-group-size", type=int, default=0, help="ZeRO-3 sub_group_size (0: DeepSpeed's default)")
     ap.add_argument("--save-at", type=int, default=0)
     ap.add_argument("--ckpt", default="")
     ap.add_argument("--resume", default="", help="a checkpoint dir (DeepSpeed save_dir) to load")
@@ -60,6 +62,12 @@ def main():
     config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "MicroAdam", "params": HYPER},
               "zero_optimization": {"stage": args.stage}, "steps_per_print": 10**9}
+    if args.stage == 3:
+        # Partition every parameter (none kept whole as "persistent"); small sub-groups so
+        # that a rank's optimizer holds several tensors per param group.
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        if args.sub_group_size:
+            config["zero_optimization"]["sub_group_size"] = args.sub_group_size
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     start = 0
     if args.resume:
@@ -80,7 +88,7 @@ def main():
                 f.write(json.dumps({"step": t, "loss": float(total), "world": world}) + "\n")
         if t == args.save_at:
             engine.save_checkpoint(args.ckpt, client_state={"step": t})
-    dist.barrier()
+    finish()
 
 
 if __name__ == "__main__":

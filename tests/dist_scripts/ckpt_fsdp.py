@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from microadam_dist import MicroAdam  # noqa: E402
 from microadam_dist.checkpoint.reshard import even_ranges  # noqa: E402
 from microadam_dist.integrations import fsdp  # noqa: E402
+from microadam_dist.teardown import finish  # noqa: E402
 
 HYPER = dict(lr=1e-2, m=4, density=0.1, topk_block=64, quant_block=48, weight_decay=0.01)
 BATCH = 96
@@ -79,8 +80,7 @@ def main():
                 f.write(json.dumps({"step": t, "loss": float(total), "world": world}) + "\n")
         if t == args.save_at:
             fsdp.save_checkpoint(args.ckpt, model, opt, extra={"step": t})
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from microadam_dist import MicroAdam, MicroAdamConfig  # noqa: E402
 from microadam_dist.checkpoint import io as ckio  # noqa: E402
 from microadam_dist.checkpoint import sharded  # noqa: E402
 from microadam_dist.checkpoint.reshard import even_ranges  # noqa: E402
+from microadam_dist.teardown import finish  # noqa: E402
 
 HYPER = dict(lr=1e-2, m=4, density=0.1, topk_block=64, quant_block=48, weight_decay=0.01)
 BATCH = 96
@@ -124,8 +125,7 @@ def main():
                      for n, p, s, (o, k) in zip(names, params, shards, ranges)]
             sharded.save_sharded(args.root, f"step_{t:06d}", local, [MicroAdamConfig(**HYPER)], step=t,
                                  extra={"seed": args.seed})
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 @torch.no_grad()

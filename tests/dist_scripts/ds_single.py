@@ -25,6 +25,7 @@ LOADED_BY_IMPORT = "deepspeed" in sys.modules
 
 import deepspeed  # noqa: E402
 from ds_common import ds_config, init_gloo, make_model, param_groups, same, snapshot  # noqa: E402
+from microadam_dist.teardown import finish  # noqa: E402
 
 BAD = {
     "unknown key": {"k_initt": 0.01},
@@ -78,6 +79,7 @@ def main() -> None:
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
     res["case_insensitive"] = type(engine.basic_optimizer).__name__
     torch.save(res, os.path.join(out_dir, "single.pt"))
+    finish()
 
 
 if __name__ == "__main__":

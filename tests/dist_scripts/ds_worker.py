@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import microadam_dist  # noqa: E402,F401
 from microadam_dist.integrations import ds_partitions  # noqa: E402
+from microadam_dist.teardown import finish  # noqa: E402
 from ds_common import (batch, ds_config, init_gloo, full_params, make_model, optimizer_tensors, param_groups,  # noqa: E402
                        rank_env, same, snapshot, train_steps)
 
@@ -188,8 +189,7 @@ def main() -> None:
         if only is None or name in only:
             results[name] = fn()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

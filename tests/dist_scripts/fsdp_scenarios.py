@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from microadam_dist import MicroAdam, state_bytes
 from microadam_dist.integrations import fsdp
+from microadam_dist.teardown import finish
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, m=3, density=0.1,
              topk_block=64, quant_block=32)
@@ -233,8 +234,7 @@ def main():
             result["error"] = str(exc)
     with open(os.path.join(args.out, f"{args.phase}_rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":
