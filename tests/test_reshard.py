@@ -13,7 +13,7 @@ import torch
 
 from microadam_dist import Layout, MicroAdam, MicroAdamConfig
 from microadam_dist.checkpoint.reshard import (ReshardError, ShardState, consolidate_tensor, even_ranges,
-                                               reshard_tensor, split_tensor)
+                                               materialize, rebuild_shard, remap, reshard_tensor, split_tensor)
 
 
 def random_ranges(n, world, rng):
@@ -194,6 +194,62 @@ def test_aligned_consolidate_and_split_back_is_bitwise(seed):
     for s, st in zip(src, back):
         for k in st:
             assert torch.equal(st[k], s.state[k]), k
+
+
+def test_remap_moves_every_element_with_its_state(seed):
+    """ZeRO-3-style moves (elements regrouped in slices, padding on both sides): decoded by
+    element, every window entry stays or is folded into its element's EF, entries at
+    source padding are dropped and counted, new padding starts empty."""
+    rng = random.Random(seed)
+    cfg = MicroAdamConfig(m=4, density=0.1, topk_block=rng.randint(8, 64), quant_block=rng.randint(5, 80))
+    n = rng.randint(300, 900)
+    src = trained_shards(n, random_ranges(n, 3, rng), cfg, steps=rng.randint(2, 9))
+    # Source elements are real or padding; real ones move to shuffled slices of a larger space.
+    real = [i for i in range(n) if rng.random() > 0.05]
+    n_new = len(real) + rng.randint(0, 50)
+    cuts = sorted(rng.sample(range(1, len(real)), 6))
+    runs = [real[a:b] for a, b in zip([0] + cuts, cuts + [len(real)])]
+    rng.shuffle(runs)
+    # Padding before each run: non-decreasing counts of the n_new - len(real) padding slots.
+    pads = sorted(rng.choices(range(n_new - len(real) + 1), k=len(runs)))
+    where = torch.full((n,), -1, dtype=torch.int64)
+    at = 0
+    for pad, run in zip(pads, runs):
+        where[run] = torch.arange(at + pad, at + pad + len(run))
+        at += len(run)
+    assert int(where.max()) < n_new
+    moved, dropped = remap(materialize(src, n), where, n_new)
+    dst = random_ranges(n_new, 2, rng)
+    states, reps = zip(*[rebuild_shard(moved, o, k, cfg) for o, k in dst])
+    ef0, _, before, slots0 = decode_all(src, n)
+    ef1, q1, after, _ = decode_all([ShardState(o, k, st) for (o, k), st in zip(dst, states)], n_new)
+    back = {int(w): i for i, w in enumerate(where.tolist()) if w >= 0}
+    after = {(back[j], age): v for (j, age), v in after.items()}  # every entry sits at a real element
+    for key, v in after.items():
+        assert before.get(key) == v, key
+    gone = {k: v for k, v in before.items() if k not in after}
+    fold = np.zeros(n)
+    for (i, _), v in gone.items():
+        if where[i] >= 0:
+            fold[i] += v
+    for i, j in ((i, int(w)) for i, w in enumerate(where.tolist()) if w >= 0):
+        assert abs(ef1[j] - (ef0[i] + fold[i])) <= 0.5 * q1[j] + 2e-6 * (abs(ef0[i]) + abs(fold[i]) + 15 * q1[j])
+    pad = np.array([j not in back for j in range(n_new)])
+    assert np.all(np.abs(ef1[pad]) <= 0.5 * q1[pad] + 1e-6 * 15 * q1[pad])
+    # Counts: every written source slot is read once, or dropped with its padding element.
+    entries_in = sum(r.entries_in for r in reps)
+    assert entries_in + dropped == slots0 and moved.idx.numel() == entries_in
+    assert sum(r.entries_kept + r.entries_folded for r in reps) == entries_in
+    assert dropped >= sum(1 for (i, _) in before if where[i] < 0)
+
+
+def test_remap_refuses_collisions():
+    cfg = MicroAdamConfig(m=2, density=0.1, topk_block=8, quant_block=8)
+    mat = materialize([ShardState(0, 10, Layout.for_numel(10, cfg).new_state("cpu"))], 10)
+    with pytest.raises(ReshardError, match="distinct"):
+        remap(mat, torch.zeros(10, dtype=torch.int64), 10)
+    with pytest.raises(ReshardError, match="one target per element"):
+        remap(mat, torch.arange(9), 10)
 
 
 def test_resharded_state_loads_and_steps(seed):

@@ -185,6 +185,36 @@ def retarget(mat: Materialized, keep: int, n: int) -> Materialized:
                         val=mat.val[sel], ef_blocks=blocks)
 
 
+def remap(mat: Materialized, where: torch.Tensor, n: int) -> tuple[Materialized, int]:
+    """The state moved element by element: element i goes to position where[i] of a tensor
+    of n elements; where[i] < 0 drops it (engine padding, which belongs to no parameter).
+
+    For engines whose shards are not one contiguous range of one tensor (ZeRO-3: each
+    rank holds a slice of every parameter). Positions no element moves to start empty.
+    A source quant block whose elements land contiguously and in order keeps its codes
+    (`rebuild_shard` copies it if a new quant block covers exactly that range).
+    Returns the moved state and the number of window entries dropped with the padding.
+    """
+    where = torch.as_tensor(where, dtype=torch.int64)
+    if where.shape != (mat.n,):
+        raise ReshardError(f"remap needs one target per element: {tuple(where.shape)} for {mat.n} elements")
+    live = where >= 0
+    dst = where[live]
+    if dst.numel() and (int(dst.max()) >= n or int(torch.unique(dst).numel()) != dst.numel()):
+        raise ReshardError(f"remap targets must be distinct positions in [0, {n})")
+    ef = torch.zeros(n, dtype=torch.float32)
+    ef[dst] = mat.ef[live]
+    sel = live[mat.idx]
+    blocks = {}
+    for (s, e), v in mat.ef_blocks.items():
+        w = where[s:e]
+        if int(w[0]) >= 0 and torch.equal(w, w[0] + torch.arange(e - s)):
+            blocks[(int(w[0]), int(w[0]) + e - s)] = v
+    moved = Materialized(n=n, step=mat.step, m=mat.m, ef=ef, idx=where[mat.idx[sel]], age=mat.age[sel],
+                         val=mat.val[sel], ef_blocks=blocks)
+    return moved, int((~sel).sum())
+
+
 def _keep_order(block: torch.Tensor, age: torch.Tensor, val: torch.Tensor, local: torch.Tensor,
                 m: int) -> torch.Tensor:
     """Permutation sorting entries by (block, age), then |val| descending, then index ascending."""
@@ -327,4 +357,4 @@ def split_tensor(state: dict, n: int, dst: Sequence[tuple[int, int]], config: Mi
 
 
 __all__ = ["ShardState", "Materialized", "ReshardReport", "ReshardError", "even_ranges", "materialize",
-           "retarget", "rebuild_shard", "reshard_tensor", "consolidate_tensor", "split_tensor"]
+           "retarget", "remap", "rebuild_shard", "reshard_tensor", "consolidate_tensor", "split_tensor"]

@@ -1,8 +1,10 @@
-"""Offline reshard of DeepSpeed ZeRO-1/2 checkpoints written with "type": "MicroAdam".
+"""Offline reshard of DeepSpeed ZeRO checkpoints written with "type": "MicroAdam".
 
-A checkpoint `SAVE_DIR/TAG` holds `mp_rank_00_model_states.pt` (module, world size
-`dp_world_size`) and per data-parallel rank `zero_pp_rank_{r}_mp_rank_00_optim_states.pt`
-whose `optimizer_state_dict` has the fp32 master partition of every param group
+ZeRO-1/2 here; ZeRO-3 (per-parameter partitioning) in `zero3.py`, reached through the
+same `reshard_zero`. A ZeRO-1/2 checkpoint `SAVE_DIR/TAG` holds
+`mp_rank_00_model_states.pt` (module, world size `dp_world_size`) and per
+data-parallel rank `zero_pp_rank_{r}_mp_rank_00_optim_states.pt` (`bf16_zero_pp_...`
+for bf16 runs) whose `optimizer_state_dict` has the fp32 master partition of every param group
 (padding stripped), and MicroAdam's state_dict (`base_optimizer_state`) whose
 `["microadam"]["partition"]` (integrations/ds_partitions.py) says which range of the
 padded flat group each rank's tensor covers. ZeRO-1/2 flatten a group's params in
@@ -13,8 +15,8 @@ Resharding materializes each group over its real elements (the padding belongs t
 parameter: its state is dropped and counted), pads for the new world size and rebuilds
 every new partition (`reshard.rebuild_shard`); the master weights move exactly. The
 output loads with `engine.load_checkpoint` in a run of the new world size (and the
-same ZeRO stage 1 or 2, group structure and hyper-parameters). ZeRO-3, the BF16
-optimizer and parameter_alignment paddings are refused with a message.
+same ZeRO stage 1 or 2, group structure and hyper-parameters). The BF16 optimizer,
+parameter_alignment paddings and model parallelism are refused with a message.
 """
 
 from __future__ import annotations
@@ -38,24 +40,43 @@ from .reshard import ReshardError, ReshardReport, ShardState, materialize, rebui
 MODEL_FILE = "mp_rank_00_model_states.pt"
 LAYOUT_FILE = "microadam_layout.json"
 ALIGNMENT_FACTOR = 2  # DeepSpeed stage_1_and_2: nccl_start_alignment_factor
+BF16_PREFIX = "bf16_"  # DeepSpeed names the optimizer files of bf16 runs bf16_zero_pp_rank_...
 
 
-def optim_file(rank: int) -> str:
-    return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+def optim_file(rank: int, prefix: str = "") -> str:
+    return f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def model_file_zero3(rank: int) -> str:
+    """ZeRO-3 writes one model-states file per data-parallel rank."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+def _has_model(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in (MODEL_FILE, model_file_zero3(0)))
+
+
+def _optim_prefix(folder: str) -> str:
+    for prefix in ("", BF16_PREFIX):
+        if os.path.isfile(os.path.join(folder, optim_file(0, prefix))):
+            return prefix
+    raise CheckpointError(f"{folder} holds no {optim_file(0)} (nor {optim_file(0, BF16_PREFIX)}): "
+                          "saved without ZeRO, or incomplete")
 
 
 def resolve(path: str) -> tuple[str, str]:
     """(save_dir, tag) for a DeepSpeed save_dir (its `latest` names the tag) or a tag dir."""
     path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, MODEL_FILE)):
+    if _has_model(path):
         return os.path.dirname(path), os.path.basename(path)
     latest = os.path.join(path, "latest")
     if os.path.isfile(latest):
         with open(latest) as f:
             tag = f.read().strip()
-        if os.path.isfile(os.path.join(path, tag, MODEL_FILE)):
+        if tag and _has_model(os.path.join(path, tag)):
             return path, tag
-    raise CheckpointError(f"{path} is not a DeepSpeed checkpoint (no {MODEL_FILE}, nor a 'latest' naming one)")
+    raise CheckpointError(f"{path} is not a DeepSpeed checkpoint (no {MODEL_FILE} or {model_file_zero3(0)}, "
+                          "nor a 'latest' naming a folder with one)")
 
 
 def is_deepspeed(path: str) -> bool:
@@ -96,39 +117,53 @@ def _group_layout(metas: list[dict], gi: int) -> tuple[list[dict], int]:
     return ordered, at
 
 
-def reshard_zero(src: str, dst: str, world_size: int) -> ReshardReport:
-    """DeepSpeed ZeRO-1/2 checkpoint `src` (save_dir or tag dir) -> save_dir `dst` holding the
-    same tag for `world_size` data-parallel ranks (and `dst/latest`)."""
+def reshard_zero(src: str, dst: str, world_size: int, sub_group_size: int | None = None) -> ReshardReport:
+    """DeepSpeed ZeRO-1/2/3 checkpoint `src` (save_dir or tag dir) -> save_dir `dst` holding the
+    same tag for `world_size` data-parallel ranks (and `dst/latest`).
+
+    `sub_group_size` (ZeRO-3 only) is the one of the run that will load the result;
+    by default the one recorded in the checkpoint's DeepSpeed config.
+    """
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size}; expected an integer >= 1")
     root, tag = resolve(src)
     folder = os.path.join(root, tag)
-    model = _load(os.path.join(folder, MODEL_FILE))
+    stage3 = not os.path.isfile(os.path.join(folder, MODEL_FILE))
+    model = _load(os.path.join(folder, model_file_zero3(0) if stage3 else MODEL_FILE))
     old_world = int(model["dp_world_size"])
-    files = [os.path.join(folder, optim_file(r)) for r in range(old_world)]
+    prefix = _optim_prefix(folder)
+    files = [os.path.join(folder, optim_file(r, prefix)) for r in range(old_world)]
     extra = sorted(set(glob.glob(os.path.join(folder, "*_optim_states.pt"))) - set(files))
     if extra:
         raise CheckpointError(f"{folder} holds optimizer files beyond dp_world_size={old_world}: "
                               f"{[os.path.basename(e) for e in extra][:3]} (model parallelism is not supported)")
     sds = [_load(f) for f in files]
     osds = [sd["optimizer_state_dict"] for sd in sds]
-    bases = [o["base_optimizer_state"] for o in osds]
+    # ZeRO-1/2 keep the basic optimizer's state_dict under base_optimizer_state, ZeRO-3 under
+    # optimizer_state_dict (inside DeepSpeed's own optimizer_state_dict).
+    key = "optimizer_state_dict" if stage3 else "base_optimizer_state"
+    bases = [o.get(key) if isinstance(o, dict) else None for o in osds]
     if not all(isinstance(b, dict) and "microadam" in b for b in bases):
-        raise CheckpointError(f"{folder} holds no MicroAdam state in every rank's base_optimizer_state "
+        raise CheckpointError(f"{folder} holds no MicroAdam state in every rank's {key} "
                               "(elastic checkpoints and other optimizers are not supported)")
     metas = [b["microadam"].get("partition") for b in bases]
     if any(m is None for m in metas):
         raise CheckpointError(f"{folder}: MicroAdam state lacks its partition metadata (saved without "
                               "microadam_dist.integrations.deepspeed?)")
     kind, stage = metas[0]["partitioning"], metas[0]["zero_stage"]
-    if kind != "flat" or stage not in (1, 2) or "single_partition_of_fp32_groups" not in osds[0]:
-        raise ReshardError(f"{folder}: ZeRO stage {stage} with {kind!r} partitioning; this tool reshards "
-                           "ZeRO-1/2 fp32-master checkpoints (ZeRO-3 and the BF16 optimizer are not supported yet)")
-    if any(any(pads) for pads in osds[0].get("param_alignment_paddings", [])):
-        raise ReshardError(f"{folder}: parameter_alignment paddings are not supported")
     for r, m in enumerate(metas):
         if m["rank"] != r or m["world_size"] != old_world:
             raise CheckpointError(f"{files[r]} holds rank {m['rank']} of {m['world_size']}, expected {r} of {old_world}")
+    if kind == "per_param" and stage == 3 and stage3:
+        from .zero3 import reshard_zero3
+
+        models = [model] + [_load(os.path.join(folder, model_file_zero3(r))) for r in range(1, old_world)]
+        return reshard_zero3(folder, tag, dst, world_size, models, sds, metas, prefix, sub_group_size)
+    if kind != "flat" or stage not in (1, 2) or "single_partition_of_fp32_groups" not in osds[0]:
+        raise ReshardError(f"{folder}: ZeRO stage {stage} with {kind!r} partitioning; this tool reshards "
+                           "ZeRO-1/2 fp32-master and ZeRO-3 checkpoints (the BF16 optimizer is not supported)")
+    if any(any(pads) for pads in osds[0].get("param_alignment_paddings", [])):
+        raise ReshardError(f"{folder}: parameter_alignment paddings are not supported")
 
     n_groups = len(metas[0]["tensors"])
     total = ReshardReport()
@@ -166,7 +201,7 @@ def reshard_zero(src: str, dst: str, world_size: int) -> ReshardReport:
                 total.add(rep)
                 new_states[r][gi] = st
             new_tensors[r].append(_piece_table(gi, params, lo, part, padded))
-    _write(root, tag, dst, world_size, model, sds, new_parts, new_states, new_tensors, paddings, metas[0])
+    _write(tag, dst, world_size, model, sds, new_parts, new_states, new_tensors, paddings, metas[0], prefix)
     return total
 
 
@@ -199,34 +234,42 @@ def _slice_mappings(template: Any, table: dict) -> Any:
                        for pc in table["pieces"])
 
 
-def _write(root, tag, dst, world, model, sds, parts, states, tables, paddings, meta0) -> None:
+def _write(tag, dst, world, model, sds, parts, states, tables, paddings, meta0, prefix) -> None:
+    files: dict[str, Any] = {MODEL_FILE: dict(model, dp_world_size=world)}
+    base0 = sds[0]["optimizer_state_dict"]["base_optimizer_state"]
+    metas = []
+    for r in range(world):
+        sd = copy.copy(sds[0])
+        osd = dict(sd["optimizer_state_dict"])
+        meta = dict(meta0, world_size=world, rank=r, tensors=tables[r])
+        metas.append(meta)
+        osd["base_optimizer_state"] = {"state": states[r], "param_groups": copy.deepcopy(base0["param_groups"]),
+                                       "microadam": dict(base0["microadam"], partition=meta)}
+        osd["single_partition_of_fp32_groups"] = parts[r]
+        osd["group_paddings"] = paddings[r]
+        osd["partition_count"] = [world] * len(parts[r])
+        if "param_slice_mappings" in osd:
+            osd["param_slice_mappings"] = [_slice_mappings(t, tab) for t, tab in
+                                           zip(osd["param_slice_mappings"], tables[r])]
+        files[optim_file(r, prefix)] = dict(sd, optimizer_state_dict=osd)
+    publish(dst, tag, files, metas[0])
+
+
+def publish(dst: str, tag: str, files: dict[str, Any], meta0: dict) -> None:
+    """Write `files` ({name: object}) and the layout record of rank 0's partition metadata
+    as `dst/tag` atomically: staged in a hidden dir, every file read back, renamed into
+    place, then `dst/latest` written."""
     dst = os.path.abspath(dst)
     os.makedirs(dst, exist_ok=True)
     stage = os.path.join(dst, f".tmp-{tag}-{uuid.uuid4().hex[:8]}")
     os.makedirs(stage)
     try:
-        new_model = dict(model, dp_world_size=world)
-        torch.save(new_model, os.path.join(stage, MODEL_FILE))
-        base0 = sds[0]["optimizer_state_dict"]["base_optimizer_state"]
-        for r in range(world):
-            sd = copy.copy(sds[0])
-            osd = dict(sd["optimizer_state_dict"])
-            meta = dict(meta0, world_size=world, rank=r, tensors=tables[r])
-            osd["base_optimizer_state"] = {"state": states[r], "param_groups": copy.deepcopy(base0["param_groups"]),
-                                           "microadam": dict(base0["microadam"], partition=meta)}
-            osd["single_partition_of_fp32_groups"] = parts[r]
-            osd["group_paddings"] = paddings[r]
-            osd["partition_count"] = [world] * len(parts[r])
-            if "param_slice_mappings" in osd:
-                osd["param_slice_mappings"] = [_slice_mappings(t, tab) for t, tab in
-                                               zip(osd["param_slice_mappings"], tables[r])]
-            sd = dict(sd, optimizer_state_dict=osd)
-            torch.save(sd, os.path.join(stage, optim_file(r)))
-            if r == 0:
-                sig = partitions.signature(meta)
-                record = {"format": 1, "signature": sig, "describe": partitions.describe(sig), "rank0": meta}
-                with open(os.path.join(stage, LAYOUT_FILE), "w") as f:
-                    json.dump(record, f, indent=1)
+        for name, obj in files.items():
+            torch.save(obj, os.path.join(stage, name))
+        sig = partitions.signature(meta0)
+        record = {"format": 1, "signature": sig, "describe": partitions.describe(sig), "rank0": meta0}
+        with open(os.path.join(stage, LAYOUT_FILE), "w") as f:
+            json.dump(record, f, indent=1)
         for name in os.listdir(stage):  # verify before publishing: every file reads back
             if name.endswith(".pt"):
                 _load(os.path.join(stage, name))
