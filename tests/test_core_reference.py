@@ -175,3 +175,54 @@ def test_stochastic_rounding_is_unbiased(seed):
     ef, lo, hi = reference.quantize_ef(x, Q, "nearest", 1)
     near = reference.dequantize_ef(ef, lo, hi, n, Q).double().numpy()
     assert np.abs(near - x.double().numpy()).mean() > 5 * np.abs(mean - x.double().numpy()).mean()
+
+
+def _random_shape(rng, max_numel):
+    """A shape of 0 to 4 dims whose element count is at most max_numel (0-dim: one element)."""
+    ndim = int(rng.integers(0, 5))
+    shape = []
+    for _ in range(ndim):
+        left = max_numel // max(1, int(np.prod(shape)) if shape else 1)
+        shape.append(int(rng.integers(1, max(2, min(left, 60 if ndim > 1 else max_numel)) + 1)))
+    return tuple(shape)
+
+
+def test_reference_matches_oracle_on_random_shapes_and_groups(seed):
+    """Fresh shapes, block sizes, densities, windows and roundings every run; 3 param groups
+    (one with two params), 21 steps, each step checked against the oracle."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for gi in range(3):
+        # n smaller than one block, or ragged against both block sizes, with an odd n among them
+        B = int(rng.integers(8, 300))
+        Q = int(rng.integers(3, 400))
+        shapes = [_random_shape(rng, int(rng.integers(1, 1500))) for _ in range(1 + (gi == 0))]
+        if gi == 1:
+            shapes = [(int(rng.integers(1, B)) | 1,)]  # odd and smaller than one top-k block
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        groups.append({"params": params, "lr": float(rng.uniform(1e-3, 5e-2)),
+                       "betas": (float(rng.uniform(0.5, 0.95)), float(rng.uniform(0.9, 0.999))),
+                       "weight_decay": float(rng.choice([0.0, 0.05])), "m": int(rng.integers(1, 7)),
+                       "density": float(rng.uniform(0.01, 0.3)), "topk_block": B, "quant_block": Q,
+                       "ef_rounding": str(rng.choice(["nearest", "stochastic"]))})
+    print([[tuple(p.shape) for p in g["params"]] for g in groups])
+    opt = MicroAdam(groups, eps=1e-8, backend="reference")
+    for t in range(1, 22):
+        snaps = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                g = torch.randn_like(p) * float(rng.choice([0.01, 1.0, 100.0]))
+                theta0 = p.detach().double().reshape(-1).numpy().copy()
+                st_before = {k: v.clone() for k, v in opt.state[p].items()} if opt.state[p] else None
+                res = check_step(p, st_before, theta0, g.double().reshape(-1).numpy(), group, t, seed)
+                p.grad = g
+                snaps.append((p, group, theta0, res))
+        opt.step()
+        for p, group, theta0, res in snaps:
+            rows = compare(res, opt, p, group, t, seed, group["ef_rounding"])
+            b1, b2 = group["betas"]
+            m_hat, v_hat = oracle.moments(rows, p.numel(), t, group["m"], b1, b2)
+            expect = (theta0 * (1 - group["lr"] * group["weight_decay"])
+                      - group["lr"] * m_hat / (np.sqrt(v_hat) + group["eps"]))
+            np.testing.assert_allclose(p.detach().double().reshape(-1).numpy(), expect, rtol=2e-6, atol=2e-6,
+                                       err_msg=f"seed {seed}, step {t}, shape {tuple(p.shape)}")

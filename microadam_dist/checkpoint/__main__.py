@@ -8,7 +8,7 @@
 `reshard` also accepts a consolidated FILE as --src (then it is `split`), and
 `reshard` / `consolidate` accept an FSDP DCP checkpoint written by
 `integrations.fsdp.save_checkpoint` (FSDP2 or DDP; the output is DCP again), and
-`reshard` accepts a DeepSpeed ZeRO-1/2 save_dir or tag dir (output: a save_dir
+`reshard` accepts a DeepSpeed ZeRO-1/2/3 save_dir or tag dir (output: a save_dir
 holding the same tag and `latest`). It prints
 a JSON report: entries kept in the window, folded into the EF, EF blocks copied
 exactly or requantized. See docs/checkpoints.md.
