@@ -253,7 +253,8 @@ def test_closure_and_scheduler_lr_is_read_every_step(seed):
 
 
 @pytest.mark.parametrize("pdtype,gdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-                                           (torch.float32, torch.bfloat16)])
+                                           (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
 def test_low_precision_params_and_grads_follow_fp32(pdtype, gdtype, seed):
     """Same start and gradients: the update in another dtype equals the fp32 one up to that dtype's rounding."""
     base = torch.randn(3000)
@@ -283,3 +284,80 @@ def test_layout_tensor_round_trip():
     assert lay.k_block == 13 and lay.k_last == oracle.k_for(0.013, 345)
     assert lay.k_total == 12 * 13 + lay.k_last
     assert np.isclose(lay.state_bytes(), state_bytes(12345, topk_block=1000, density=0.013, quant_block=77, m=3))
+
+
+# -- every hyper-parameter, every kind of bad value ------------------------------------------
+
+INVALID = {
+    "lr": [-1e-3, float("nan"), float("inf"), "0.1", True, 1j],
+    "betas": [(0.9, 1.0), (-0.1, 0.9), (0.9, float("nan")), ("a", 0.9), 0.9, (0.9,), (0.9, 0.99, 0.999)],
+    "eps": [0.0, -1.0, float("inf"), "1e-8"],
+    "weight_decay": [-0.1, float("nan"), float("inf"), "0"],
+    "m": [0, -1, 1025, 2.5, True, "10"],
+    "density": [0.0, -0.1, 1.5, float("nan"), "0.01"],
+    "topk_block": [0, -8, 32769, 64.0, True],
+    "quant_block": [0, -3, 2 ** 31, 128.5, "4096"],
+    "ef_rounding": ["up", "", 1, "Nearest"],
+    "nonfinite": ["ignore", True, ""],
+    "backend": ["triton", "", None],
+}
+# The fragment that states the allowed range (or choices) in each field's message.
+ALLOWED = {"lr": "[0.0, inf]", "betas": "[0", "eps": "(0.0, inf]", "weight_decay": "[0.0, inf]",
+           "m": "[1, 1024]", "density": "(0.0, 1.0]", "topk_block": "[1, 32768]",
+           "quant_block": "[1, 2147483647]", "ef_rounding": "'nearest', 'stochastic'",
+           "nonfinite": "'skip', 'raise', 'off'", "backend": "'auto', 'reference', 'cuda'"}
+
+
+def test_every_field_has_a_validation_case():
+    assert set(INVALID) == set(ALLOWED) == set(MicroAdamConfig.field_names())
+
+
+@pytest.mark.parametrize("field,value", [(f, v) for f, vs in INVALID.items() for v in vs])
+def test_every_invalid_value_is_a_value_error_naming_field_value_and_range(field, value):
+    """At construction, in a param group, and in a group edited after construction
+    (refused at the next step, with nothing changed)."""
+    p = torch.nn.Parameter(torch.randn(8))
+    with pytest.raises(ValueError) as err:
+        MicroAdam([p], **{field: value})
+    msg = str(err.value)
+    assert field in msg and repr(value) in msg and ALLOWED[field] in msg, msg
+    q = torch.nn.Parameter(torch.randn(8))
+    with pytest.raises(ValueError, match=r"param_groups\[1\]") as err:
+        MicroAdam([{"params": [p]}, {"params": [q], field: value}])
+    assert field in str(err.value) and ALLOWED[field] in str(err.value)
+    opt = MicroAdam([p], density=0.25, topk_block=4, quant_block=4)
+    p.grad = torch.randn(8)
+    opt.step()
+    before = snapshot([p], opt)
+    opt.param_groups[0][field] = value
+    p.grad = torch.randn(8)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]") as err:
+        opt.step()
+    assert field in str(err.value) and repr(value) in str(err.value)
+    assert_same(before, snapshot([p], opt))
+
+
+# -- shapes ----------------------------------------------------------------------------------
+
+def test_any_shape_steps_as_its_flat_row_major_view(seed):
+    """0-d, 1-d, 4-d, channels_last and transposed (non-contiguous) params step exactly
+    like a flat 1-d param holding the same elements in row-major order."""
+    shapes = [(), (1,), (3, 4, 5, 6), (2, 3, 4, 5)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    params[3] = torch.nn.Parameter(params[3].detach().to(memory_format=torch.channels_last))
+    params.append(torch.nn.Parameter(torch.randn(9, 7).t()))  # (7, 9), strides (1, 7)
+    assert not params[3].is_contiguous() and not params[4].is_contiguous()
+    flats = [torch.nn.Parameter(p.detach().reshape(-1).clone()) for p in params]
+    kw = dict(lr=1e-2, m=3, density=0.2, topk_block=16, quant_block=10, weight_decay=0.1, backend="reference")
+    opt, ref = MicroAdam(params, **kw), MicroAdam(flats, **kw)
+    for _ in range(5):
+        for p, f in zip(params, flats):
+            g = torch.randn(p.shape)
+            p.grad, f.grad = g.clone(), g.reshape(-1).clone()
+        opt.step()
+        ref.step()
+        for p, f in zip(params, flats):
+            assert p.shape == p.grad.shape and torch.equal(p.detach().reshape(-1), f.detach())
+            for k in opt.state[p]:
+                assert torch.equal(opt.state[p][k], ref.state[f][k]), k
+    assert params[3].is_contiguous(memory_format=torch.channels_last)  # updated in place
