@@ -20,6 +20,15 @@ def seed():
     return s
 
 
+@pytest.fixture(scope="session")
+def run_shared_dir(tmp_path_factory):
+    """A folder shared by the pytest-xdist workers of this run and by no other run (the
+    parent of the basetemp is /tmp/pytest-of-USER without xdist: results computed there by
+    an earlier run, with other code, would be reused)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -194,3 +194,59 @@ def test_bad_tag_is_refused(tmp_path):
     for tag in ("", ".x", "a/b", "latest"):
         with pytest.raises(ValueError, match="tag"):
             ckio.staging_dir(str(tmp_path), tag)
+
+
+def test_sharded_checkpoint_metadata_and_refusals(tmp_path, seed):
+    """meta.json records format, version, world size, step, hyper-parameters and every
+    shard's layout; a newer format version, a damaged rank file or another world size is
+    refused by load_sharded before anything is returned."""
+    import json
+
+    from microadam_dist import Layout, MicroAdam, MicroAdamConfig
+    from microadam_dist.checkpoint import sharded
+
+    cfg = MicroAdamConfig(lr=3e-3, betas=(0.8, 0.95), m=3, density=0.1, topk_block=32, quant_block=24,
+                          weight_decay=0.05, ef_rounding="stochastic")
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(7, 11), (50,)]]
+    opt = MicroAdam(params, **cfg.as_dict())
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    shards = [sharded.LocalShard(f"p{i}", tuple(p.shape), 0, 0, p.numel(), p.detach().reshape(-1), opt.state[p])
+              for i, p in enumerate(params)]
+    path = sharded.save_sharded(str(tmp_path), "step_000003", shards, [cfg], step=3, extra={"seed": seed})
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    assert meta["format"] == sharded.FORMAT and meta["format_version"] == ckio.FORMAT_VERSION
+    assert meta["world_size"] == 1 and meta["step"] == 3 and meta["extra"] == {"seed": seed}
+    assert sharded.config_of(meta["hyper"][0]) == cfg
+    for t, p in zip(meta["tensors"], params):
+        assert t["shape"] == list(p.shape) and t["numel"] == p.numel()
+        (s,) = t["shards"]
+        assert Layout.from_tensor(torch.tensor(s["layout"])) == Layout.from_tensor(opt.state[p]["layout"])
+    got_meta, payload = sharded.load_sharded(path)
+    for i, p in enumerate(params):
+        entry = payload["tensors"][f"p{i}"]
+        assert torch.equal(entry["param"], p.detach().reshape(-1))
+        assert all(torch.equal(entry["state"][k], opt.state[p][k]) for k in opt.state[p])
+    # A future format version: refused, with what to do.
+    newer = dict(meta, format_version=ckio.FORMAT_VERSION + 1)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(newer, f)
+    with pytest.raises(CheckpointError, match="format version .*upgrade"):
+        sharded.load_sharded(path)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(dict(meta, world_size=2), f)
+    with pytest.raises(CheckpointError, match="saved by 2 ranks and this run has 1.*reshard"):
+        sharded.load_sharded(path)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    rank_file = os.path.join(path, sharded.rank_file(0))
+    raw = bytearray(open(rank_file, "rb").read())
+    raw[len(raw) // 2] ^= 0x10
+    open(rank_file, "wb").write(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sharded.load_sharded(path)
+    open(rank_file, "wb").write(bytes(raw[:-7]))
+    with pytest.raises(CheckpointError, match="truncated|bytes, meta.json says"):
+        sharded.load_sharded(path)

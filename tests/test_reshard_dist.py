@@ -9,8 +9,10 @@ runs of any world size see the same data.
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -49,10 +51,10 @@ def losses(path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(run_shared_dir):
     """An uninterrupted 2-rank run, checkpointing every EVERY steps. Run once per session:
     pytest-xdist workers share it through a locked directory beside their temp roots."""
-    shared = tmp_path_factory.getbasetemp().parent / "ckpt_reference"
+    shared = run_shared_dir / "ckpt_reference"
     shared.mkdir(exist_ok=True)
     with open(shared / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -161,3 +163,54 @@ def test_sigkill_a_rank_then_resume(reference, tmp_path, kill):
     # Same world size, same data, deterministic ops: the resumed run retraces the uninterrupted one.
     for t in range(1, STEPS + 1):
         assert got[t] == pytest.approx(ref[t], rel=1e-6, abs=1e-7), t
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    from microadam_dist.checkpoint import sharded
+    from microadam_dist.checkpoint.io import CheckpointError
+    from microadam_dist.teardown import finish
+
+    dist.init_process_group("gloo")
+    try:
+        got = sharded.load_sharded(sys.argv[1])
+        result = {"loaded": True, "tensors": len(got[1]["tensors"])}
+    except CheckpointError as exc:
+        result = {"loaded": False, "error": str(exc)}
+    with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(result, f)
+    finish()
+""")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_rank_file_is_refused_by_every_rank(reference, tmp_path, damage):
+    """Rank 1's file is damaged: rank 1 finds it, and rank 0, whose own file is whole, is told
+    so and refuses too. Nothing is returned on either rank."""
+    root, _ = reference
+    ck = tmp_path / "step_000012"
+    shutil.copytree(root / "step_000012", ck)
+    f = ck / "rank_00001.pt"
+    raw = bytearray(f.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 3] ^= 0x04
+    else:
+        raw = raw[: len(raw) - 100]
+    f.write_bytes(bytes(raw))
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--monitor-interval=0.2", str(script), str(ck), str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert not r0["loaded"] and not r1["loaded"]
+    want = "corrupt" if damage == "flip" else "bytes, meta.json says"
+    assert want in r1["error"] and "rank_00001.pt" in r1["error"]
+    # A size mismatch every rank sees itself (meta.json lists all sizes); a bad digest only
+    # rank 1 can see (each rank hashes its own file), and the ranks agree on it.
+    assert want in r0["error"] and "rank_00001.pt" in r0["error"]
+    if damage == "flip":
+        assert r0["error"].startswith("rank 1 cannot load")

@@ -43,10 +43,10 @@ def losses(path):
 
 
 @pytest.fixture(scope="module")
-def fsdp_reference(tmp_path_factory):
+def fsdp_reference(run_shared_dir):
     """An uninterrupted 2-rank FSDP2 run that saves a DCP checkpoint at step SAVE_AT
     (once per session; xdist workers share it through a locked directory)."""
-    shared = tmp_path_factory.getbasetemp().parent / "fsdp_ckpt_reference"
+    shared = run_shared_dir / "fsdp_ckpt_reference"
     shared.mkdir(exist_ok=True)
     with open(shared / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -135,9 +135,9 @@ def ds_launch(world, loss_file, *extra, steps=STEPS):
 
 
 @pytest.fixture(scope="module")
-def ds_reference(tmp_path_factory):
+def ds_reference(run_shared_dir):
     """An uninterrupted 2-rank ZeRO-2 run that saves at step SAVE_AT (once per session)."""
-    shared = tmp_path_factory.getbasetemp().parent / "ds_ckpt_reference"
+    shared = run_shared_dir / "ds_ckpt_reference"
     shared.mkdir(exist_ok=True)
     with open(shared / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -208,9 +208,9 @@ Z3_STEPS, Z3_SUB_GROUP = 13, 400  # sub-groups of <= ~400 elements: several tens
 
 
 @pytest.fixture(scope="module")
-def z3_reference(tmp_path_factory):
+def z3_reference(run_shared_dir):
     """An uninterrupted 2-rank ZeRO-3 run that saves at step SAVE_AT (once per session)."""
-    shared = tmp_path_factory.getbasetemp().parent / "z3_ckpt_reference"
+    shared = run_shared_dir / "z3_ckpt_reference"
     shared.mkdir(exist_ok=True)
     with open(shared / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
