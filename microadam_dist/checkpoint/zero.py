@@ -131,6 +131,8 @@ def reshard_zero(src: str, dst: str, world_size: int, sub_group_size: int | None
     stage3 = not os.path.isfile(os.path.join(folder, MODEL_FILE))
     model = _load(os.path.join(folder, model_file_zero3(0) if stage3 else MODEL_FILE))
     old_world = int(model["dp_world_size"])
+    if not stage3 and not glob.glob(os.path.join(folder, f"*{optim_file(0)}")):
+        return _replicated(folder, tag, dst, world_size, model)
     prefix = _optim_prefix(folder)
     files = [os.path.join(folder, optim_file(r, prefix)) for r in range(old_world)]
     extra = sorted(set(glob.glob(os.path.join(folder, "*_optim_states.pt"))) - set(files))
@@ -203,6 +205,33 @@ def reshard_zero(src: str, dst: str, world_size: int, sub_group_size: int | None
             new_tensors[r].append(_piece_table(gi, params, lo, part, padded))
     _write(tag, dst, world_size, model, sds, new_parts, new_states, new_tensors, paddings, metas[0], prefix)
     return total
+
+
+def _find_microadam(obj: Any) -> dict | None:
+    """The MicroAdam state_dict inside DeepSpeed's (possibly wrapped) optimizer state."""
+    if isinstance(obj, dict):
+        if "microadam" in obj and "state" in obj:
+            return obj
+        for v in obj.values():
+            found = _find_microadam(v)
+            if found is not None:
+                return found
+    return None
+
+
+def _replicated(folder: str, tag: str, dst: str, world_size: int, model: dict) -> ReshardReport:
+    """ZeRO-0: the optimizer holds every parameter whole on every rank and its state sits in
+    the model-states file; it does not depend on the world size, so the checkpoint is
+    copied (with the new dp_world_size recorded)."""
+    sd = _find_microadam(model.get("optimizer"))
+    meta = (sd or {}).get("microadam", {}).get("partition")
+    if meta is None:
+        raise CheckpointError(f"{folder} holds neither ZeRO optimizer files nor a MicroAdam state with "
+                              "partition metadata in its model states")
+    if meta["partitioning"] != "none":
+        raise CheckpointError(f"{folder}: {meta['partitioning']!r} partitioning without its ZeRO optimizer files")
+    publish(dst, tag, {MODEL_FILE: dict(model, dp_world_size=world_size)}, dict(meta, world_size=world_size))
+    return ReshardReport()
 
 
 def _config(group: dict) -> MicroAdamConfig:
