@@ -174,8 +174,9 @@ class MicroAdam(torch.optim.Optimizer):
         The max-norm of every gradient (one fused multi-tensor reduction per device, no
         d-sized temporary) is NaN or Inf exactly when the gradient holds a NaN or an Inf.
         """
+        # An FSDP rank may hold no element of a param (an empty local gradient): nothing to check.
         checked = [(config, g, where) for config, items in work if config.nonfinite != "off"
-                   for _, _, g, where in items]
+                   for _, _, g, where in items if g.numel()]
         if not checked:
             return True
         by_device: dict[torch.device, list] = {}

@@ -361,3 +361,22 @@ def test_any_shape_steps_as_its_flat_row_major_view(seed):
             for k in opt.state[p]:
                 assert torch.equal(opt.state[p][k], ref.state[f][k]), k
     assert params[3].is_contiguous(memory_format=torch.channels_last)  # updated in place
+
+
+def test_nonfinite_check_with_an_empty_local_gradient(seed):
+    """A rank holding no element of a param (FSDP) hands an empty gradient; the check skips
+    it, still catches a NaN elsewhere, and steps the others."""
+    from microadam_dist import MicroAdam
+    full = torch.nn.Parameter(torch.randn(300))
+    empty = torch.nn.Parameter(torch.randn(0))
+    opt = MicroAdam([full, empty], lr=1e-2)
+    full.grad, empty.grad = torch.randn(300), torch.randn(0)
+    opt._gradients_ok([(opt._group_config(opt.param_groups[0], 0),
+                        [(empty, empty, empty.grad, (0, 1))])])  # empty only: no error
+    before = full.detach().clone()
+    opt.step()
+    assert not torch.equal(full.detach(), before)
+    full.grad = torch.full((300,), float("nan"))
+    after = full.detach().clone()
+    opt.step()
+    assert opt.nonfinite_skips == 1 and torch.equal(full.detach(), after)
