@@ -229,8 +229,8 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps(ratios, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    from microadam_dist.teardown import finish
+    finish()  # barrier, destroy the group, leave without racing gloo's threads (teardown.py)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from microadam_dist import MicroAdam
+from microadam_dist.teardown import finish  # noqa: E402
 from microadam_dist.integrations.fsdp import state_nbytes
 
 FULL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=18,
@@ -179,7 +180,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
         print(json.dumps({k: v for k, v in out.items() if k not in ("results", "args")}))
-    dist.destroy_process_group()
+    finish()  # barrier, destroy the group, leave without racing gloo's threads (teardown.py)
 
 
 if __name__ == "__main__":

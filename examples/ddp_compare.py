@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from microadam_dist import MicroAdam, state_bytes
+from microadam_dist.teardown import finish  # noqa: E402
 
 
 class Teacher:
@@ -138,8 +139,7 @@ def main() -> None:
         if args.out:
             with open(os.path.join(args.out, "metrics.json"), "w") as f:
                 json.dump({"world_size": world, "args": vars(args), "results": results}, f)
-    if world > 1:
-        dist.destroy_process_group()
+    finish()  # barrier, destroy the group, leave without racing gloo's threads (teardown.py)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import microadam_dist  # noqa: E402,F401  makes "type": "MicroAdam" valid in the DeepSpeed JSON
+from microadam_dist.teardown import finish  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -210,8 +211,7 @@ def main(argv=None) -> None:
                                title=f"{args.model or args.size} on {args.data}, {world} processes")
         print_comparison(summaries)
         print(f"metrics: {args.out}/*.jsonl  plot: {png}")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()  # barrier, destroy the group, leave without racing gloo's threads (teardown.py)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from microadam_dist import MicroAdam
+from microadam_dist.teardown import finish  # noqa: E402
 from microadam_dist.integrations import fsdp
 
 
@@ -214,7 +215,7 @@ def main(argv=None):
         metrics.write(json.dumps({"summary": summary}) + "\n")
         metrics.close()
         print(json.dumps(summary))
-    dist.destroy_process_group()
+    finish()  # barrier, destroy the group, leave without racing gloo's threads (teardown.py)
 
 
 if __name__ == "__main__":

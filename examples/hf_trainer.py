@@ -47,6 +47,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import microadam_dist  # noqa: E402,F401  makes "type": "MicroAdam" valid in the DeepSpeed JSON
+from microadam_dist.teardown import finish  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -265,9 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics.close()
         print(json.dumps(summary), flush=True)
         report(script.out, f"{script.model or script.size} on {script.data}, HF Trainer, {world} processes")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish()  # barrier, destroy the group, leave without racing gloo's threads (teardown.py)
 
 
 def report(out: str, title: str) -> None:
