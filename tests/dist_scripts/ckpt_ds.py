@@ -18,24 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import microadam_dist  # noqa: E402,F401  (registers "type": "MicroAdam")
 from microadam_dist.teardown import finish  # noqa: E402
+import ckpt_task  # noqa: E402  (this folder is sys.path[0])
 
-HYPER = {"lr": 1e-2, "weight_decay": 0.01, "m": 4, "density": 0.1, "topk_block": 64, "quant_block": 48,
-         "backend": "reference"}
-BATCH = 96
-
-
-def build_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(24, 37), torch.nn.Tanh(), torch.nn.Linear(37, 21),
-                               torch.nn.Tanh(), torch.nn.Linear(21, 1))
-
-
-def batch(step):
-    g = torch.Generator().manual_seed(7 * 100003 + step)
-    x = torch.randn(BATCH, 24, generator=g)
-    w = torch.linspace(-1, 1, 24)
-    y = torch.sin(x @ w).unsqueeze(1) + 0.3 * (x[:, :1] * x[:, 1:2]) + 0.05 * torch.randn(BATCH, 1, generator=g)
-    return x, y
+HYPER = {**ckpt_task.HYPER, "backend": "reference"}
+BATCH, build_model, batch = ckpt_task.BATCH, ckpt_task.build_model, ckpt_task.batch
 
 
 def main():

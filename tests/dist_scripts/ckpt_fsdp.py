@@ -21,24 +21,10 @@ from microadam_dist import MicroAdam  # noqa: E402
 from microadam_dist.checkpoint.reshard import even_ranges  # noqa: E402
 from microadam_dist.integrations import fsdp  # noqa: E402
 from microadam_dist.teardown import finish  # noqa: E402
+import ckpt_task  # noqa: E402  (this folder is sys.path[0])
 
-HYPER = dict(lr=1e-2, m=4, density=0.1, topk_block=64, quant_block=48, weight_decay=0.01)
-BATCH = 96
-
-
-def build_model():
-    torch.manual_seed(0)
-    # 37 and 21 rows: uneven dim-0 shards over 2 and 3 ranks.
-    return torch.nn.Sequential(torch.nn.Linear(24, 37), torch.nn.Tanh(), torch.nn.Linear(37, 21),
-                               torch.nn.Tanh(), torch.nn.Linear(21, 1))
-
-
-def batch(step):
-    g = torch.Generator().manual_seed(7 * 100003 + step)
-    x = torch.randn(BATCH, 24, generator=g)
-    w = torch.linspace(-1, 1, 24)
-    y = torch.sin(x @ w).unsqueeze(1) + 0.3 * (x[:, :1] * x[:, 1:2]) + 0.05 * torch.randn(BATCH, 1, generator=g)
-    return x, y
+HYPER = ckpt_task.HYPER
+BATCH, build_model, batch = ckpt_task.BATCH, ckpt_task.build_model, ckpt_task.batch
 
 
 def main():
