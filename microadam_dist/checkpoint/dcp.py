@@ -168,13 +168,7 @@ def reshard_dcp(src: str, dst: str, world_size: int, **overrides: Any) -> Reshar
         read = dcp.FileSystemReader(stage).read_metadata().state_dict_metadata
         if f"optim.{META_KEY}" not in read:
             raise CheckpointError(f"DCP write to {stage} did not read back")
-        if os.path.exists(dst):
-            old = f"{stage}-old"
-            os.rename(dst, old)
-            os.rename(stage, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(stage, dst)
+        ckio.replace_dir(stage, dst)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return total

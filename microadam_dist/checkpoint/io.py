@@ -159,6 +159,20 @@ def _check_tag(tag: str) -> None:
         raise ValueError(f"Invalid checkpoint tag: {tag!r}; expected a plain name such as 'step_000100'")
 
 
+def replace_dir(stage: str, final: str) -> None:
+    """Rename the finished directory `stage` to `final` (same file system). An existing
+    `final` is moved aside first and removed after, so a crash leaves one of the two whole."""
+    parent = os.path.dirname(os.path.abspath(final))
+    if os.path.exists(final):
+        old = os.path.join(parent, f".old-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        os.rename(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(stage, final)
+    _fsync_dir(parent)
+
+
 def publish_dir(root: str, tag: str, meta: dict) -> str:
     """Finish checkpoint `tag`: verify every file in its staging dir, write meta.json
     (with each file's size and sha256), rename the dir into place, point `latest` at it.
@@ -178,15 +192,7 @@ def publish_dir(root: str, tag: str, meta: dict) -> str:
     text = json.dumps(meta, indent=1, sort_keys=True).encode()
     atomic_write_bytes(os.path.join(stage, META_NAME), text)
     final = os.path.join(root, tag)
-    if os.path.exists(final):
-        # Re-saving a tag: move the old one aside first so a crash leaves one of the two.
-        old = os.path.join(root, f".old-{tag}-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-        os.rename(stage, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(stage, final)
-    _fsync_dir(root)
+    replace_dir(stage, final)
     atomic_write_bytes(os.path.join(root, LATEST_NAME), tag.encode())
     return final
 

@@ -302,14 +302,7 @@ def publish(dst: str, tag: str, files: dict[str, Any], meta0: dict) -> None:
         for name in os.listdir(stage):  # verify before publishing: every file reads back
             if name.endswith(".pt"):
                 _load(os.path.join(stage, name))
-        final = os.path.join(dst, tag)
-        if os.path.exists(final):
-            old = f"{stage}-old"
-            os.rename(final, old)
-            os.rename(stage, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(stage, final)
+        ckio.replace_dir(stage, os.path.join(dst, tag))
         ckio.atomic_write_bytes(os.path.join(dst, "latest"), tag.encode())
     finally:
         shutil.rmtree(stage, ignore_errors=True)
