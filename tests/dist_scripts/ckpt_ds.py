@@ -8,7 +8,6 @@ Writes {"step", "loss"} lines to --loss-file (rank 0, appended).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -67,11 +66,7 @@ def main():
         part = ((engine(x[rank * per:(rank + 1) * per]) - y[rank * per:(rank + 1) * per]) ** 2).mean()
         engine.backward(part)
         engine.step()
-        total = part.detach() / world
-        dist.all_reduce(total)
-        if rank == 0:
-            with open(args.loss_file, "a") as f:
-                f.write(json.dumps({"step": t, "loss": float(total), "world": world}) + "\n")
+        ckpt_task.log_loss(args.loss_file, t, part / world, world)
         if t == args.save_at:
             engine.save_checkpoint(args.ckpt, client_state={"step": t})
     finish()

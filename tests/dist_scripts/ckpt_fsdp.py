@@ -8,7 +8,6 @@ Writes {"step", "loss"} lines to --loss-file (rank 0, appended).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -59,11 +58,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         (part * world / BATCH).backward()  # FSDP2 averages over ranks: this yields the global mean
         opt.step()
-        total = part.detach() / BATCH
-        dist.all_reduce(total)
-        if rank == 0:
-            with open(args.loss_file, "a") as f:
-                f.write(json.dumps({"step": t, "loss": float(total), "world": world}) + "\n")
+        ckpt_task.log_loss(args.loss_file, t, part / BATCH, world)
         if t == args.save_at:
             fsdp.save_checkpoint(args.ckpt, model, opt, extra={"step": t})
     finish()

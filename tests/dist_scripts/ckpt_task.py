@@ -4,7 +4,10 @@ A small MLP whose global batch at step t depends on t only; BATCH divides by 1, 
 and 4, so runs of any world size see the same data.
 """
 
+import json
+
 import torch
+import torch.distributed as dist
 
 HYPER = dict(lr=1e-2, weight_decay=0.01, m=4, density=0.1, topk_block=64, quant_block=48)
 BATCH = 96
@@ -23,3 +26,12 @@ def batch(step):
     w = torch.linspace(-1, 1, 24)
     y = torch.sin(x @ w).unsqueeze(1) + 0.3 * (x[:, :1] * x[:, 1:2]) + 0.05 * torch.randn(BATCH, 1, generator=g)
     return x, y
+
+
+def log_loss(path, step, part, world):
+    """All-reduce this rank's share `part` of the global loss; rank 0 appends a JSONL line."""
+    total = part.detach().clone()
+    dist.all_reduce(total)
+    if dist.get_rank() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "loss": float(total), "world": world}) + "\n")
