@@ -124,6 +124,30 @@ def test_reference_matches_oracle(shape, B, Q, density, m, rounding, seed):
                                    rtol=2e-6, atol=2e-6, err_msg=f"seed {seed}, step {t}")
 
 
+def steps_against_oracle(opt, steps, seed, grad_of):
+    """`steps` steps of `opt` (every group, every param, gradient grad_of(p)); each is checked
+    against the oracle: EF, top-k and window (check_step/compare), then the update."""
+    for t in range(1, steps + 1):
+        snaps = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                g = grad_of(p)
+                theta0 = p.detach().double().reshape(-1).numpy().copy()
+                st_before = {k: v.clone() for k, v in opt.state[p].items()} if opt.state[p] else None
+                res = check_step(p, st_before, theta0, g.double().reshape(-1).numpy(), group, t, seed)
+                p.grad = g
+                snaps.append((p, group, theta0, res))
+        opt.step()
+        for p, group, theta0, res in snaps:
+            rows = compare(res, opt, p, group, t, seed, group["ef_rounding"])
+            b1, b2 = group["betas"]
+            m_hat, v_hat = oracle.moments(rows, p.numel(), t, group["m"], b1, b2)
+            expect = (theta0 * (1 - group["lr"] * group["weight_decay"])
+                      - group["lr"] * m_hat / (np.sqrt(v_hat) + group["eps"]))
+            np.testing.assert_allclose(p.detach().double().reshape(-1).numpy(), expect, rtol=2e-6, atol=2e-6,
+                                       err_msg=f"seed {seed}, step {t}, shape {tuple(p.shape)}")
+
+
 def test_param_groups_each_follow_their_hyperparameters(seed):
     a = torch.nn.Parameter(torch.randn(700))
     b = torch.nn.Parameter(torch.randn(33, 9))
@@ -132,25 +156,7 @@ def test_param_groups_each_follow_their_hyperparameters(seed):
                      {"params": [b], "lr": 5e-2, "betas": (0.5, 0.9), "weight_decay": 0.3,
                       "k_init": 0.1, "topk_block": 50, "quant_block_size": 64}],
                     backend="reference")
-    for t in range(1, 21):
-        snaps = []
-        for group in opt.param_groups:
-            for p in group["params"]:
-                g = torch.randn_like(p)
-                theta0 = p.detach().double().reshape(-1).numpy().copy()
-                st_before = {k: v.clone() for k, v in opt.state[p].items()} if opt.state[p] else None
-                res = check_step(p, st_before, theta0, g.double().reshape(-1).numpy(), group, t, seed)
-                p.grad = g
-                snaps.append((p, group, theta0, res))
-        opt.step()
-        for p, group, theta0, res in snaps:
-            rows = compare(res, opt, p, group, t, seed)
-            b1, b2 = group["betas"]
-            m_hat, v_hat = oracle.moments(rows, p.numel(), t, group["m"], b1, b2)
-            expect = (theta0 * (1 - group["lr"] * group["weight_decay"])
-                      - group["lr"] * m_hat / (np.sqrt(v_hat) + group["eps"]))
-            np.testing.assert_allclose(p.detach().double().reshape(-1).numpy(), expect,
-                                       rtol=2e-6, atol=2e-6)
+    steps_against_oracle(opt, 20, seed, torch.randn_like)
 
 
 def test_stochastic_rounding_is_unbiased(seed):
@@ -207,22 +213,4 @@ def test_reference_matches_oracle_on_random_shapes_and_groups(seed):
                        "ef_rounding": str(rng.choice(["nearest", "stochastic"]))})
     print([[tuple(p.shape) for p in g["params"]] for g in groups])
     opt = MicroAdam(groups, eps=1e-8, backend="reference")
-    for t in range(1, 22):
-        snaps = []
-        for group in opt.param_groups:
-            for p in group["params"]:
-                g = torch.randn_like(p) * float(rng.choice([0.01, 1.0, 100.0]))
-                theta0 = p.detach().double().reshape(-1).numpy().copy()
-                st_before = {k: v.clone() for k, v in opt.state[p].items()} if opt.state[p] else None
-                res = check_step(p, st_before, theta0, g.double().reshape(-1).numpy(), group, t, seed)
-                p.grad = g
-                snaps.append((p, group, theta0, res))
-        opt.step()
-        for p, group, theta0, res in snaps:
-            rows = compare(res, opt, p, group, t, seed, group["ef_rounding"])
-            b1, b2 = group["betas"]
-            m_hat, v_hat = oracle.moments(rows, p.numel(), t, group["m"], b1, b2)
-            expect = (theta0 * (1 - group["lr"] * group["weight_decay"])
-                      - group["lr"] * m_hat / (np.sqrt(v_hat) + group["eps"]))
-            np.testing.assert_allclose(p.detach().double().reshape(-1).numpy(), expect, rtol=2e-6, atol=2e-6,
-                                       err_msg=f"seed {seed}, step {t}, shape {tuple(p.shape)}")
+    steps_against_oracle(opt, 21, seed, lambda p: torch.randn_like(p) * float(rng.choice([0.01, 1.0, 100.0])))
