@@ -5,6 +5,7 @@ docs/algorithm.md, not through microadam_dist.ops.reference; source states come 
 running the optimizer a few steps on fresh random gradients over the source shards.
 """
 
+import fcntl
 import json
 import random
 
@@ -337,3 +338,18 @@ def assert_smooth_continuation(stdout, dst, resumed_at, loss_file, ref, last, no
     assert max(jumps[:first]) < 0.03 * noise
     assert max(jumps) < noise
     return jumps
+
+
+def shared_reference(folder, run):
+    """`run(folder)` once per test session, then (folder/"ck", its losses from folder/"loss.jsonl").
+
+    pytest-xdist workers share the result through a lock file: the first one to get the lock
+    runs it, the others wait and reuse it.
+    """
+    folder.mkdir(exist_ok=True)
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            run(folder)
+            (folder / "done").touch()
+    return folder / "ck", losses(folder / "loss.jsonl")

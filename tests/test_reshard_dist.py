@@ -6,7 +6,6 @@ shards and our sharded checkpoints; its global batch depends only on the step, s
 runs of any world size see the same data.
 """
 
-import fcntl
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from microadam_dist.checkpoint import io as ckio
 from microadam_dist.checkpoint import sharded
 from microadam_dist.checkpoint.__main__ import main as cli
 from microadam_dist.checkpoint.reshard import ShardState
-from test_reshard import assert_smooth_continuation, check_conservation, losses
+from test_reshard import assert_smooth_continuation, check_conservation, losses, shared_reference
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,14 +44,8 @@ def launch(world, root, loss_file, *extra, expect_ok=True):
 def reference(run_shared_dir):
     """An uninterrupted 2-rank run, checkpointing every EVERY steps. Run once per session:
     pytest-xdist workers share it through a locked directory beside their temp roots."""
-    shared = run_shared_dir / "ckpt_reference"
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "done").exists():
-            launch(2, shared / "ck", shared / "loss.jsonl", "--every", EVERY)
-            (shared / "done").touch()
-    return shared / "ck", losses(shared / "loss.jsonl")
+    return shared_reference(run_shared_dir / "ckpt_reference",
+                            lambda d: launch(2, d / "ck", d / "loss.jsonl", "--every", EVERY))
 
 
 def test_reshard_to_1_and_3_then_continue(reference, tmp_path):

@@ -3,7 +3,6 @@
 2 ranks -> 1 and 3 ranks -> training continues smoothly; the moved states obey the
 conservation guarantee; a consolidated FSDP2 state loads into a single-process optimizer."""
 
-import fcntl
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from microadam_dist.checkpoint import io as ckio
 from microadam_dist.checkpoint.__main__ import main as cli
 from microadam_dist.checkpoint.reshard import ShardState
 from microadam_dist.integrations.fsdp import INFO_KEY, META_KEY, rank_key
-from test_reshard import assert_smooth_continuation, check_conservation, decode_all, losses
+from test_reshard import assert_smooth_continuation, check_conservation, decode_all, shared_reference
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,28 +26,27 @@ SCRIPT = os.path.join(HERE, "dist_scripts", "ckpt_fsdp.py")
 STEPS, SAVE_AT = 20, 8
 
 
-def launch(world, loss_file, *extra):
+def torchrun(script, world, loss_file, *extra, steps=STEPS, timeout=300):
+    """Run a tests/dist_scripts training script on `world` gloo ranks; it must succeed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "--monitor-interval=0.2", SCRIPT, "--steps", str(STEPS), "--loss-file", str(loss_file),
+           "--monitor-interval=0.2", script, "--steps", str(steps), "--loss-file", str(loss_file),
            *map(str, extra)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def launch(world, loss_file, *extra):
+    return torchrun(SCRIPT, world, loss_file, *extra, timeout=240)
 
 
 @pytest.fixture(scope="module")
 def fsdp_reference(run_shared_dir):
     """An uninterrupted 2-rank FSDP2 run that saves a DCP checkpoint at step SAVE_AT
     (once per session; xdist workers share it through a locked directory)."""
-    shared = run_shared_dir / "fsdp_ckpt_reference"
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "done").exists():
-            launch(2, shared / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", shared / "ck")
-            (shared / "done").touch()
-    return shared / "ck", losses(shared / "loss.jsonl")
+    return shared_reference(run_shared_dir / "fsdp_ckpt_reference", lambda d: launch(
+        2, d / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", d / "ck"))
 
 
 def shard_states(sd):
@@ -115,26 +113,14 @@ DS_SCRIPT = os.path.join(HERE, "dist_scripts", "ckpt_ds.py")
 
 
 def ds_launch(world, loss_file, *extra, steps=STEPS):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "--monitor-interval=0.2", DS_SCRIPT, "--steps", str(steps), "--loss-file", str(loss_file),
-           *map(str, extra)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return torchrun(DS_SCRIPT, world, loss_file, *extra, steps=steps)
 
 
 @pytest.fixture(scope="module")
 def ds_reference(run_shared_dir):
     """An uninterrupted 2-rank ZeRO-2 run that saves at step SAVE_AT (once per session)."""
-    shared = run_shared_dir / "ds_ckpt_reference"
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "done").exists():
-            ds_launch(2, shared / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", shared / "ck")
-            (shared / "done").touch()
-    return shared / "ck", losses(shared / "loss.jsonl")
+    return shared_reference(run_shared_dir / "ds_ckpt_reference", lambda d: ds_launch(
+        2, d / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", d / "ck"))
 
 
 def zero_shards(folder, world):
@@ -220,15 +206,9 @@ Z3_STEPS, Z3_SUB_GROUP = 13, 400  # sub-groups of <= ~400 elements: several tens
 @pytest.fixture(scope="module")
 def z3_reference(run_shared_dir):
     """An uninterrupted 2-rank ZeRO-3 run that saves at step SAVE_AT (once per session)."""
-    shared = run_shared_dir / "z3_ckpt_reference"
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "done").exists():
-            ds_launch(2, shared / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", shared / "ck", "--stage", 3,
-                      "--sub-group-size", Z3_SUB_GROUP, steps=Z3_STEPS)
-            (shared / "done").touch()
-    return shared / "ck", losses(shared / "loss.jsonl")
+    return shared_reference(run_shared_dir / "z3_ckpt_reference", lambda d: ds_launch(
+        2, d / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", d / "ck", "--stage", 3,
+        "--sub-group-size", Z3_SUB_GROUP, steps=Z3_STEPS))
 
 
 def zero3_decode(folder, world):
