@@ -16,6 +16,7 @@ Environment switches (as flash-attention and DeepSpeed name theirs):
 """
 
 import os
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -26,10 +27,10 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
-# Kept in step with microadam_dist/ops/builder.py (the just-in-time build uses the same files and flags).
-SOURCES = ["csrc/microadam_binding.cpp", "csrc/microadam_kernels.cu"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# The same files and flags as the just-in-time build (ops/builder.py); read without importing torch.
+_FLAGS = runpy.run_path(str(HERE / "microadam_dist" / "ops" / "build_flags.py"))
+SOURCES = [f"csrc/{name}" for name in _FLAGS["SOURCES"]]
+NVCC_FLAGS, CXX_FLAGS = _FLAGS["NVCC_FLAGS"], _FLAGS["CXX_FLAGS"]
 MODE = os.environ.get("MICROADAM_BUILD_CUDA", "").strip()
 
 

@@ -23,13 +23,9 @@ from pathlib import Path
 
 import torch
 
+from .build_flags import CXX_FLAGS, HEADERS, NVCC_FLAGS, SOURCES
+
 EXT_NAME = "microadam_dist_cuda"
-SOURCES = ("microadam_binding.cpp", "microadam_kernels.cu")
-HEADERS = ("microadam.cuh", "common.cuh", "topk.cuh")
-# IEEE division and square root (no --use_fast_math): the kernels reproduce the reference's
-# float32 results, which fast-math approximations would change.
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
 
 
 class ExtensionUnavailable(RuntimeError):
