@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks: the ahead-of-time build (pip install), the just-in-time build,
 # the GPU tests and the step benchmark, results under $OUT.
-# Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh [tests|bench|all] [pytest -k expr]
+# Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh [tests|bench|ncu|all] [pytest -k expr]
 set -o pipefail
 OUT=${OUT:-/tmp/microadam_gpu}; mkdir -p "$OUT"
 # The image's TORCH_CUDA_ARCH_LIST (9.0a) is kept on purpose: our build must accept it.
@@ -32,14 +32,14 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   echo "bench done: $(( $(date +%s) - start )) s"
 fi
 if [ "$what" = all ] || [ "$what" = ncu ]; then
-  # Nsight Compute on one launch of the top-k kernel (one Llama layer), then its hottest source lines.
+  # Nsight Compute on one launch of the top-k kernel (one Llama layer), then its hot spots.
   timeout 240 ncu --kernel-name regex:compress_update --launch-skip 3 --launch-count 1 --import-source yes \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
     --section InstructionStats --section SourceCounters -o /tmp/prof -f \
     python3 benchmarks/profile_step.py --quant-block 64 --layers 1 > /tmp/ncu_run.log 2>&1
   ncu -i /tmp/prof.ncu-rep > "$OUT/ncu_details.txt" 2>&1
-  ncu -i /tmp/prof.ncu-rep --page source --csv --print-source cuda > /tmp/src.csv 2> "$OUT/ncu_src_err.txt"
-  python3 benchmarks/ncu_top_lines.py /tmp/src.csv --top 45 > "$OUT/ncu_top_lines.txt" 2>&1
+  ncu -i /tmp/prof.ncu-rep --page source --csv --print-source sass > /tmp/sass.csv 2> "$OUT/ncu_src_err.txt"
+  python3 benchmarks/ncu_top_lines.py /tmp/sass.csv --top 45 > "$OUT/ncu_top_lines.txt" 2>&1
   grep -E "Duration|Executed Instructions  |Eligible Warps|Achieved Occupancy|Warp Cycles Per Issued" "$OUT/ncu_details.txt"
   head -30 "$OUT/ncu_top_lines.txt"
   echo "ncu done: $(( $(date +%s) - start )) s"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Where the fused step's time goes (one GPU): kernel variants side by side, a torch.profiler
-# breakdown with the host time of step(), and Nsight Compute on one launch of the top-k kernel.
+# Where the fused step's time goes (one GPU): kernel variants side by side and a torch.profiler
+# breakdown with the host time of step(). Nsight Compute: `bash benchmarks/gpu_checks.sh ncu`.
 # Usage: OUT=/some/dir bash benchmarks/gpu_profile.sh "name:flags,..."
 set -o pipefail
 OUT=${OUT:-/tmp/microadam_prof}; mkdir -p "$OUT"
@@ -14,9 +14,3 @@ echo "variants: $(( $(date +%s) - start )) s"
 python3 benchmarks/profile_step.py --quant-block 64 2>&1 | tee "$OUT/profile_q64.log" | head -30
 python3 benchmarks/profile_step.py --quant-block 100000 > "$OUT/profile_q100000.log" 2>&1
 echo "profile: $(( $(date +%s) - start )) s"
-timeout 300 ncu --kernel-name regex:compress_update --launch-skip 3 --launch-count 1 \
-  --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-  --section MemoryWorkloadAnalysis --section InstructionStats --section SourceCounters \
-  python3 benchmarks/profile_step.py --quant-block 64 --layers 1 > "$OUT/ncu_q64.txt" 2>&1
-echo "ncu: $(( $(date +%s) - start )) s"
-grep -E "Duration|Throughput|Achieved Occupancy|Registers|Stall|Warp Cycles|Issued Ipc|Block Limit|Eligible" "$OUT/ncu_q64.txt" | head -60
