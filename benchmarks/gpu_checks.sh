@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session's checks: the ahead-of-time build (pip install), the just-in-time build,
 # the GPU tests and the step benchmark, results under $OUT.
-# Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh [tests|bench|ncu|all] [pytest -k expr]
+# Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh [all | a comma list of tests,bench,ncu] [pytest -k expr]
 set -o pipefail
 OUT=${OUT:-/tmp/microadam_gpu}; mkdir -p "$OUT"
 # The image's TORCH_CUDA_ARCH_LIST (9.0a) is kept on purpose: our build must accept it.
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 what=${1:-all}; kexpr=${2:-}
+want() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset}"
 start=$(date +%s)
@@ -20,18 +21,18 @@ python3 -m microadam_dist.env 2>&1 | tee "$OUT/env.log" || exit 1
 echo "jit build+env: $(( $(date +%s) - start )) s"
 wait
 echo "aot build+env: $(( $(date +%s) - start )) s"; grep -E "backend|prebuilt|aot exit|rror" "$OUT/aot_build.log" | tail -5
-if [ "$what" = all ] || [ "$what" = tests ]; then
+if want tests; then
   python3 -m pytest -q -p no:cacheprovider --maxfail=8 -rs tests/test_cuda_kernels.py tests/test_backend_fallback.py \
     ${kexpr:+-k "$kexpr"} 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "^(FAILED|ERROR|SKIPPED|E  )|passed|failed" | head -40
   echo "tests done: $(( $(date +%s) - start )) s"
 fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if want bench; then
   python3 benchmarks/step_bench.py --out "$OUT/step_bench.json" 2>&1
   python3 benchmarks/step_bench.py --weight-decay 0.1 --rows \
     "bf16:adamw_fused,bf16:microadam_q64,bf16:microadam_q100000" --out "$OUT/step_bench_wd.json" 2>&1 | tail -6
   echo "bench done: $(( $(date +%s) - start )) s"
 fi
-if [ "$what" = all ] || [ "$what" = ncu ]; then
+if want ncu; then
   # Nsight Compute on one launch of the top-k kernel (one Llama layer), then its hot spots.
   timeout 240 ncu --kernel-name regex:compress_update --launch-skip 3 --launch-count 1 --import-source yes \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \

@@ -111,6 +111,24 @@ __device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// A unit of 8 floats to / from shared memory: two 16-byte accesses when whole (a lane's
+// scalar accesses at stride 8 floats would conflict 8 ways); missing elements read as 0.
+__device__ __forceinline__ void store_unit(float* s, const float (&v)[8], int valid) {
+  if (valid == 8) {
+    store8(s, v);
+  } else {
+    for (int j = 0; j < valid; ++j) s[j] = v[j];
+  }
+}
+__device__ __forceinline__ void load_unit_smem(const float* s, float (&v)[8], int valid) {
+  if (valid == 8) {
+    load8(s, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = j < valid ? s[j] : 0.0f;
+  }
+}
+
 // -- error feedback ------------------------------------------------------------------
 __device__ __forceinline__ float ef_scale(float lo, float hi) { return __fdiv_rn(__fsub_rn(hi, lo), 15.0f); }
 

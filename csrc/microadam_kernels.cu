@@ -18,6 +18,9 @@
 #ifndef MICROADAM_NO_FAST_TOPK
 #define MICROADAM_NO_FAST_TOPK 0  // 1: always the general threshold path of the top-k
 #endif
+#ifndef MICROADAM_ROW_MOMENTS
+#define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
+#endif
 
 #include "common.cuh"
 #include "topk.cuh"
@@ -29,6 +32,7 @@ constexpr int MAXQ_SHARED = 512;      // quant blocks per top-k block whose rang
 constexpr int OWN_CAP = 2 * HIST_BINS;  // window positions listed (int16) in the histogram's memory
 constexpr int ACC_DOUBLE_MAX = 8192;  // up to this topk_block, both moment sums fit next to a
 constexpr int WIN_SMEM_CAP = 24 * 1024;  // bytes of window rows staged per block
+constexpr int MASK_MAX_M = 32;        // up to this m, window moments through a row bitmask per position
 
 // 8 gradient elements and their 8 EF codes, from global memory (vector loads when allowed).
 template <typename G>
@@ -68,24 +72,6 @@ __device__ __forceinline__ void dequant_unit(const float (&g)[8], unsigned codes
   }
 }
 
-// A unit of 8 floats to / from shared memory: two 16-byte accesses when whole (a lane's
-// scalar accesses at stride 8 floats would conflict 8 ways); missing elements read as 0.
-__device__ __forceinline__ void store_unit(float* s, const float (&v)[8], int valid) {
-  if (valid == 8) {
-    store8(s, v);
-  } else {
-    for (int j = 0; j < valid; ++j) s[j] = v[j];
-  }
-}
-__device__ __forceinline__ void load_unit_smem(const float* s, float (&v)[8], int valid) {
-  if (valid == 8) {
-    load8(s, v);
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = j < valid ? s[j] : 0.0f;
-  }
-}
-
 // Stores the 8 codes of a unit: one 32-bit word when aligned and whole, else byte by byte.
 __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w, int valid, bool vec) {
   if (vec && valid == 8) {
@@ -112,13 +98,17 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
   __shared__ Rec R;
   __shared__ unsigned sw[NWARPS];
   __shared__ unsigned wcount[2 * NWARPS];
+  __shared__ unsigned gcnt[32];
   __shared__ unsigned bcast[4];
   __shared__ float red[2 * NWARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // Fast top-k (topk_cand) where the upper half of a can list its candidates.
+  const bool fast = SA > S && !MICROADAM_NO_FAST_TOPK;
+  const bool use_mask = m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS;
 
   for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
     if (tid == 0) find_record(A.table, A.ntensors, vb, R);
-    for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
+    if (!fast) for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
     __syncthreads();
     P* param = reinterpret_cast<P*>(R.param);
     const G* grad = reinterpret_cast<const G*>(R.grad);
@@ -145,8 +135,11 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
     }
 
     // 2. a = g + Q^-1(EF) with the ranges of the previous step; two units in flight per thread.
+    // Fast top-k: the largest |a| (its rungs of candidates); otherwise the first radix pass
+    // of the general top-k.
     const bool vec_in = (base % 8 == 0) && aligned16(grad + base) &&
                         (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
+    float amax = 0.0f;
     for (int u0 = tid; u0 < nunits; u0 += 2 * THREADS) {
       float g[2][8];
       unsigned codes[2];
@@ -163,8 +156,18 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
         float out[8];
         dequant_unit(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
         store_unit(a + 8 * u, out, valid);
-        for (int j = 0; j < valid; ++j) atomicAdd(&hist[hist_bin0(mag_key(out[j]))], 1u);  // first radix pass
+        if (fast) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) amax = j < valid ? fmaxf(amax, fabsf(out[j])) : amax;
+        } else {
+          for (int j = 0; j < valid; ++j) atomicAdd(&hist[hist_bin0(mag_key(out[j]))], 1u);
+        }
       }
+    }
+    if (fast) {
+#pragma unroll
+      for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, o));
+      if (lane == 0) red[warp] = amax;
     }
     __syncthreads();
 
@@ -174,11 +177,16 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
       __nv_bfloat16* gv = R.win_val + (int64_t)row * R.k_total + col0;
       int16_t* si = A.win_smem ? sidx + row * KB : nullptr;
       __nv_bfloat16* sv = A.win_smem ? sval + row * KB : nullptr;
-      // The upper half of a (free until the moments) holds the fast path's lists.
-      const int cap_w = (SA > S && !MICROADAM_NO_FAST_TOPK) ? min(128, S / (2 * NWARPS)) : 0;
-      if (cap_w == 0 || !topk_fast(a, L, kj, hist, reinterpret_cast<unsigned*>(a + S), cap_w, gi, gv, si, sv,
-                                   sw, wcount, bcast)) {
-        const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast);
+      bool done = false;
+      if (fast) {
+        // The upper half of a (free until the moments) lists the candidates: S / 2 (key, index) pairs.
+        float bmax = 0.0f;
+        for (int w = 0; w < NWARPS; ++w) bmax = fmaxf(bmax, red[w]);
+        unsigned* ckey = reinterpret_cast<unsigned*>(a + S);
+        done = topk_cand(a, L, kj, bmax, hist, ckey, ckey + S / 2, S / 2, gi, gv, si, sv, sw, gcnt, wcount, bcast);
+      }
+      if (!done) {
+        const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast, !fast);
         topk_write(a, L, thr.x, thr.y, gi, gv, si, sv, wcount);
       }
     }
@@ -290,88 +298,127 @@ __global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A)
     }
     __syncthreads();
 
-    // 6. Moments and update, over chunks of the block whose two sums fit in a. Rows are
-    // added in order r = 0..m-1, as the reference's index_add_ on the CPU does; acc2 < 0
-    // marks a position in no row. The first entry of a position lists it as an owner,
-    // which then updates that param; without weight decay no other param is touched.
+    // 6. Moments and update. Rows are added in order r = 0..m-1 from 0, as the reference's
+    // index_add_ on the CPU does. Without weight decay only the window's positions are
+    // read and written; with it (A.dense), a sweep decays the others.
     const int16_t* wi0 = A.win_smem ? sidx : R.win_idx + col0;
     const __nv_bfloat16* wv0 = A.win_smem ? sval : R.win_val + col0;
     const int64_t rs = A.win_smem ? KB : R.k_total;
-    const int CH = SA / 2;
-    float* acc1 = a;
-    float* acc2 = a + CH;
     const float z = __fmul_rn(A.lr, __fdiv_rn(0.0f, __fadd_rn(0.0f, A.eps)));  // lr*(0/(sqrt(0)+eps))
     const bool vec_p = (base % 8 == 0) && aligned16(param + base);
-    for (int c0 = 0; c0 < L; c0 += CH) {
-      const int c1 = min(L, c0 + CH);
-      // CH is a multiple of 8 and a is 16-byte aligned: whole float4 stores.
-      for (int i = 4 * tid; i < CH; i += 4 * THREADS) {
-        *reinterpret_cast<float4*>(acc1 + i) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        *reinterpret_cast<float4*>(acc2 + i) = make_float4(-1.0f, -1.0f, -1.0f, -1.0f);
-      }
-      if (tid == 0) bcast[3] = 0u;
-      __syncthreads();
-      for (int r = 0; r < m; ++r) {
-        const int age = row >= r ? row - r : row - r + m;
-        const float b1 = A.betapow[age], b2 = A.betapow[m + age];
-        const int16_t* ri = wi0 + r * rs;
-        const __nv_bfloat16* rv = wv0 + r * rs;
-        for (int c = tid; c < kj; c += THREADS) {
-          const int idx = ri[c];
-          // A repeated index in one row only occurs in a row never written (all zero).
-          if (idx < c0 || idx >= c1 || (c > 0 && ri[c - 1] == idx)) continue;
-          const float v = __bfloat162float(rv[c]);
-          const float t1 = __fmul_rn(b1, v), t2 = __fmul_rn(b2, __fmul_rn(v, v));
-          const int p = idx - c0;
-          const bool first = acc2[p] < 0.0f;
-          acc1[p] = __fadd_rn(first ? 0.0f : acc1[p], t1);
-          acc2[p] = __fadd_rn(first ? 0.0f : acc2[p], t2);
-          if (first) {
-            const unsigned slot = atomicAdd(&bcast[3], 1u);
-            if (slot < OWN_CAP) owners[slot] = (int16_t)p;
+    // Param i of the block from its sums: m_hat = s1 * c1, v_hat = s2 * c2.
+    auto update = [&](int i, float s1, float s2) {
+      const float mh = __fmul_rn(s1, R.c1), vh = __fmul_rn(s2, R.c2);
+      float pv = to_f(param[base + i]);
+      if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+      const float u = __fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), A.eps));
+      param[base + i] = from_f<P>(__fsub_rn(pv, __fmul_rn(A.lr, u)));
+    };
+    // Positions c0..c1-1 in no window row (in_window(p) false, p counted from c0):
+    // m_hat = v_hat = 0, so theta*decay - lr*(0/(0+eps)); 8 at a time where none is in it.
+    auto sweep = [&](int c0, int c1, auto in_window) {
+      for (int u = tid; u < (c1 - c0 + 7) / 8; u += THREADS) {
+        const int i0 = 8 * u, valid = min(8, c1 - c0 - i0);
+        bool none = valid == 8;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) none = none && !in_window(i0 + j);
+        if (vec_p && none) {
+          float v[8];
+          load8(param + base + c0 + i0, v);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v[j] = __fsub_rn(A.has_decay ? __fmul_rn(v[j], A.decay) : v[j], z);
+          store8(param + base + c0 + i0, v);
+        } else {
+          for (int j = 0; j < valid; ++j) {
+            if (in_window(i0 + j)) continue;
+            float pv = to_f(param[base + c0 + i0 + j]);
+            if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+            param[base + c0 + i0 + j] = from_f<P>(__fsub_rn(pv, z));
           }
         }
+      }
+    };
+    if (use_mask) {
+      // Bit r of mask[i]: position i is in window row r. The entry of a position in its
+      // lowest row owns it: it sums the position's rows in order (finding each by binary
+      // search in its sorted row) and updates the param. Three barriers whatever m is.
+      unsigned* mask = reinterpret_cast<unsigned*>(a);  // S >= L words, free now
+      for (int i = 4 * tid; i < S; i += 4 * THREADS) *reinterpret_cast<uint4*>(mask + i) = make_uint4(0u, 0u, 0u, 0u);
+      __syncthreads();
+      const int ne = m * kj;
+      for (int e = tid; e < ne; e += THREADS) {
+        const int r = e / kj, c = e - r * kj;
+        const int idx = wi0[r * rs + c];
+        if ((unsigned)idx < (unsigned)L) atomicOr(&mask[idx], 1u << r);
+      }
+      __syncthreads();
+      for (int e = tid; e < ne; e += THREADS) {
+        const int r = e / kj, c = e - r * kj;
+        const int16_t* ri = wi0 + r * rs;
+        const int idx = ri[c];
+        // A repeated index in one row only occurs in a row never written (all zero).
+        if ((unsigned)idx >= (unsigned)L || (c > 0 && ri[c - 1] == idx)) continue;
+        unsigned bits = mask[idx];
+        if (__ffs(bits) - 1 != r) continue;
+        float s1 = 0.0f, s2 = 0.0f;
+        for (; bits; bits &= bits - 1) {
+          const int rr = __ffs(bits) - 1;
+          const int cc = rr == r ? c : lower_bound16(wi0 + rr * rs, kj, idx);
+          const float v = __bfloat162float(wv0[rr * rs + cc]);
+          const int age = row >= rr ? row - rr : row - rr + m;
+          s1 = __fadd_rn(s1, __fmul_rn(A.betapow[age], v));
+          s2 = __fadd_rn(s2, __fmul_rn(A.betapow[m + age], __fmul_rn(v, v)));
+        }
+        update(idx, s1, s2);
+      }
+      if (A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
+      __syncthreads();
+    } else {
+      // Row by row (m > 32), over chunks of the block whose two sums fit in a; acc2 < 0
+      // marks a position in no row. The first entry of a position lists it as an owner,
+      // which then updates that param.
+      const int CH = SA / 2;
+      float* acc1 = a;
+      float* acc2 = a + CH;
+      for (int c0 = 0; c0 < L; c0 += CH) {
+        const int c1 = min(L, c0 + CH);
+        // CH is a multiple of 8 and a is 16-byte aligned: whole float4 stores.
+        for (int i = 4 * tid; i < CH; i += 4 * THREADS) {
+          *reinterpret_cast<float4*>(acc1 + i) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          *reinterpret_cast<float4*>(acc2 + i) = make_float4(-1.0f, -1.0f, -1.0f, -1.0f);
+        }
+        if (tid == 0) bcast[3] = 0u;
         __syncthreads();
-      }
-      auto update = [&](int p) {
-        const float mh = __fmul_rn(acc1[p], R.c1), vh = __fmul_rn(acc2[p], R.c2);
-        float pv = to_f(param[base + c0 + p]);
-        if (A.has_decay) pv = __fmul_rn(pv, A.decay);
-        const float u = __fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), A.eps));
-        param[base + c0 + p] = from_f<P>(__fsub_rn(pv, __fmul_rn(A.lr, u)));
-      };
-      const unsigned nown = bcast[3];
-      if (nown <= OWN_CAP) {
-        for (int o = tid; o < (int)nown; o += THREADS) update(owners[o]);
-      } else {
-        for (int p = tid; p < c1 - c0; p += THREADS) if (acc2[p] >= 0.0f) update(p);
-      }
-      if (A.dense) {
-        // Positions in no window row: m_hat = v_hat = 0, so theta*decay - lr*(0/(0+eps)).
-        for (int u = tid; u < (c1 - c0 + 7) / 8; u += THREADS) {
-          const int i0 = 8 * u, valid = min(8, c1 - c0 - i0);
-          float s2[8];
-          load_unit_smem(acc2 + i0, s2, valid);
-          bool none = valid == 8;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) none = none && s2[j] < 0.0f;
-          if (vec_p && none) {
-            float v[8];
-            load8(param + base + c0 + i0, v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = __fsub_rn(A.has_decay ? __fmul_rn(v[j], A.decay) : v[j], z);
-            store8(param + base + c0 + i0, v);
-          } else {
-            for (int j = 0; j < valid; ++j) {
-              if (s2[j] >= 0.0f) continue;
-              float pv = to_f(param[base + c0 + i0 + j]);
-              if (A.has_decay) pv = __fmul_rn(pv, A.decay);
-              param[base + c0 + i0 + j] = from_f<P>(__fsub_rn(pv, z));
+        for (int r = 0; r < m; ++r) {
+          const int age = row >= r ? row - r : row - r + m;
+          const float b1 = A.betapow[age], b2 = A.betapow[m + age];
+          const int16_t* ri = wi0 + r * rs;
+          const __nv_bfloat16* rv = wv0 + r * rs;
+          for (int c = tid; c < kj; c += THREADS) {
+            const int idx = ri[c];
+            if (idx < c0 || idx >= c1 || (c > 0 && ri[c - 1] == idx)) continue;
+            const float v = __bfloat162float(rv[c]);
+            const float t1 = __fmul_rn(b1, v), t2 = __fmul_rn(b2, __fmul_rn(v, v));
+            const int p = idx - c0;
+            const bool first = acc2[p] < 0.0f;
+            acc1[p] = __fadd_rn(first ? 0.0f : acc1[p], t1);
+            acc2[p] = __fadd_rn(first ? 0.0f : acc2[p], t2);
+            if (first) {
+              const unsigned slot = atomicAdd(&bcast[3], 1u);
+              if (slot < OWN_CAP) owners[slot] = (int16_t)p;
             }
           }
+          __syncthreads();
         }
+        const unsigned nown = bcast[3];
+        if (nown <= OWN_CAP) {
+          for (int o = tid; o < (int)nown; o += THREADS) update(c0 + owners[o], acc1[owners[o]], acc2[owners[o]]);
+        } else {
+          for (int p = tid; p < c1 - c0; p += THREADS) if (acc2[p] >= 0.0f) update(c0 + p, acc1[p], acc2[p]);
+        }
+        if (A.dense) sweep(c0, c1, [&](int p) { return acc2[p] >= 0.0f; });
+        __syncthreads();
       }
-      __syncthreads();
     }
     __syncthreads();  // R and shared memory are reused by the next virtual block
   }

@@ -1,9 +1,12 @@
 // Block-wide top-k by magnitude over a[0..L) in shared memory, ties to the lower index.
 //
-// Keys are |a| as IEEE bit patterns (monotone for non-negative floats). One radix pass
-// over the top 11 bits finds the bin of the k-th largest key; its few members are then
-// ranked directly (for Gaussian-like data about 1% of the block). If the bin is crowded
-// (many exact ties), two more radix passes resolve the key instead.
+// Keys are |a| as IEEE bit patterns (monotone for non-negative floats).
+// Fast path (topk_cand): the caller guesses a lower bound of the k-th largest key from the
+// block's mean square; the few keys above it (about 4k) are listed in index order and
+// radix passes over that list alone find the k-th largest. General path (the guess
+// failed, or blocks over 8192): one radix pass over the top 11 bits of every key finds the
+// bin of the k-th largest; its members are ranked directly, or, if the bin is crowded
+// (many exact ties), two more radix passes resolve the key.
 #pragma once
 
 #include "common.cuh"
@@ -15,8 +18,33 @@ constexpr int CAND_CAP = HIST_BINS / 2;  // candidates (key, index) that fit in 
 
 __device__ __forceinline__ unsigned mag_key(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
-// One radix pass over the keys matching (prefix, pmask): the bin holding the need-th
-// largest and the count of candidates in higher bins. All threads call it.
+// The bin of a counted histogram that holds the need-th largest key: (bin, count of keys in
+// higher bins, the bin's own count). Thread t owns `per` bins, thread 0 the highest, so an
+// exclusive scan in thread order counts the keys above. All threads call it; need must not
+// exceed the histogram's total.
+__device__ inline uint3 hist_select(const unsigned* hist, int nbins, unsigned need, unsigned* sw,
+                                    unsigned* bcast) {
+  const int per = nbins / THREADS;
+  const int top = nbins - 1 - threadIdx.x * per;
+  unsigned local = 0;
+  for (int j = 0; j < per; ++j) local += hist[top - j];
+  const unsigned above = block_excl_scan(local, sw);
+  if (above < need && above + local >= need) {
+    unsigned acc = above;
+    for (int j = 0; j < per; ++j) {
+      const unsigned h = hist[top - j];
+      if (acc + h >= need) { bcast[0] = (unsigned)(top - j); bcast[1] = acc; bcast[2] = h; break; }
+      acc += h;
+    }
+  }
+  __syncthreads();
+  const uint3 r = make_uint3(bcast[0], bcast[1], bcast[2]);
+  __syncthreads();
+  return r;
+}
+
+// One radix pass over the keys of a[0..L) matching (prefix, pmask): the bin holding the
+// need-th largest and the count of keys in higher bins. All threads call it.
 // With counted == true the histogram was already filled (pass 0 during the load of a).
 __device__ inline uint2 radix_pass(const float* a, int L, unsigned prefix, unsigned pmask, int shift,
                                    int nbins, unsigned need, unsigned* hist, unsigned* sw, unsigned* bcast,
@@ -30,35 +58,18 @@ __device__ inline uint2 radix_pass(const float* a, int L, unsigned prefix, unsig
     }
     __syncthreads();
   }
-  // Thread t owns `per` bins, thread 0 the highest, so an exclusive scan in thread order
-  // counts the candidates in higher bins.
-  const int per = nbins / THREADS;
-  const int top = nbins - 1 - threadIdx.x * per;
-  unsigned local = 0;
-  for (int j = 0; j < per; ++j) local += hist[top - j];
-  const unsigned above = block_excl_scan(local, sw);
-  if (above < need && above + local >= need) {
-    unsigned acc = above;
-    for (int j = 0; j < per; ++j) {
-      const unsigned h = hist[top - j];
-      if (acc + h >= need) { bcast[0] = (unsigned)(top - j); bcast[1] = acc; break; }
-      acc += h;
-    }
-  }
-  __syncthreads();
-  const uint2 r = make_uint2(bcast[0], bcast[1]);
-  __syncthreads();
-  return r;
+  const uint3 r = hist_select(hist, nbins, need, sw, bcast);
+  return make_uint2(r.x, r.y);
 }
 
 // Returns (T, take_eq): the k-th largest key, and how many elements equal to T are kept
-// (the lowest-indexed ones). `hist` holds HIST_BINS unsigned, already counted with the
-// top 11 bits of every key (hist_bin0); bcast holds 4 unsigned.
+// (the lowest-indexed ones). `hist` holds HIST_BINS unsigned; with counted == true it was
+// already counted with the top 11 bits of every key (hist_bin0). bcast holds 4 unsigned.
 __device__ __forceinline__ unsigned hist_bin0(unsigned key) { return key >> 20; }
 
 __device__ inline uint2 topk_threshold(const float* a, int L, int k, unsigned* hist, unsigned* sw,
-                                       unsigned* bcast) {
-  const uint2 p0 = radix_pass(a, L, 0u, 0u, 20, HIST_BINS, (unsigned)k, hist, sw, bcast, true);
+                                       unsigned* bcast, bool counted) {
+  const uint2 p0 = radix_pass(a, L, 0u, 0u, 20, HIST_BINS, (unsigned)k, hist, sw, bcast, counted);
   const unsigned bin = p0.x;
   const unsigned need = (unsigned)k - p0.y;  // >= 1 of the bin's members are kept
   // Gather the bin's members into the histogram's memory as (key, index) pairs.
@@ -148,93 +159,137 @@ __device__ inline void topk_write(float* a, int L, unsigned T, unsigned take_eq,
 
 namespace microadam {
 
-// Fast path of the whole top-k once the first radix pass has counted `hist`: gather every
-// element whose top 11 bits reach the k-th largest's bin (a superset of the top k, about
-// 2k elements for Gaussian-like data) into per-warp lists in index order, rank the bin's
-// own members by (key descending, index ascending), and write the k best ascending. Returns false, having
-// written nothing, when the lists overflow (many ties); the caller then runs the general path.
-// `list` holds 2 * cap_w * NWARPS unsigned of scratch.
-__device__ inline bool topk_fast(float* a, int L, int k, unsigned* hist, unsigned* list, int cap_w,
-                                 int16_t* widx, __nv_bfloat16* wval, int16_t* sidx,
-                                 __nv_bfloat16* sval, unsigned* sw, unsigned* wcount, unsigned* bcast) {
-  const uint2 p0 = radix_pass(a, L, 0u, 0u, 20, HIST_BINS, (unsigned)k, hist, sw, bcast, true);
-  const unsigned bin = p0.x;
+// Most blocks take this path. Candidates are the keys >= amax * r for the largest of four
+// rungs r whose count reaches k (amax: the block's largest |a|, from the caller); they are
+// listed in index order in ckey/cidx (cap entries), the k-th largest key among them is
+// found by radix passes over the list alone, and the k best are written ascending, then
+// zeroed in a. Returns false, having written nothing, when no rung fits: fewer than k keys
+// above the lowest rung (heavy tails), or more than cap above the chosen one; the caller
+// then runs the general path, which gives the same result.
+// Units of 8 elements: unit u = h * THREADS + tid in round h; gcnt holds 32 unsigned
+// (rounds * NWARPS <= 32, so L <= 8192), wcount 2 * NWARPS; hist HIST_BINS >= L / 8.
+__device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* hist, unsigned* ckey,
+                                 unsigned* cidx, int cap, int16_t* widx, __nv_bfloat16* wval,
+                                 int16_t* sidx, __nv_bfloat16* sval, unsigned* sw, unsigned* gcnt,
+                                 unsigned* wcount, unsigned* bcast) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  unsigned* lkey = list + warp * 2 * cap_w;
-  unsigned* lidx = lkey + cap_w;
-  const int CW = (((L + NWARPS - 1) / NWARPS) + 31) & ~31;
-  const int w0 = warp * CW, w1 = min(L, w0 + CW);
-  const unsigned lt = (1u << lane) - 1u;
-  unsigned n = 0;
-  for (int s = w0; s < w1; s += 32) {
-    const int i = s + lane;
-    const unsigned key = i < w1 ? mag_key(a[i]) : 0u;
-    const bool match = i < w1 && hist_bin0(key) >= bin;
-    const unsigned mb = __ballot_sync(FULL, match);
-    if (match) {
-      const unsigned slot = n + __popc(mb & lt);
-      if (slot < (unsigned)cap_w) { lkey[slot] = key; lidx[slot] = (unsigned)i; }
-    }
-    n += __popc(mb);
-  }
-  if (lane == 0) wcount[warp] = n;
-  __syncthreads();
-  unsigned total = 0;
-  bool overflow = false;
-  for (int w = 0; w < NWARPS; ++w) {
-    overflow |= wcount[w] > (unsigned)cap_w;
-    total += wcount[w];
-  }
-  if (overflow || total > (unsigned)THREADS) {
-    __syncthreads();
-    return false;
-  }
-  // Thread t takes entry t of the concatenated lists (index order). Entries above the
-  // k-th largest's bin are kept; the bin's own members (need of them are kept) are listed
-  // apart, in the histogram's memory (free now), and ranked by (key desc, index asc).
-  const unsigned need = (unsigned)k - p0.y;
-  unsigned* ekey = hist;
-  unsigned* eidx = hist + THREADS;
-  unsigned* erank = hist + 2 * THREADS;
-  if (threadIdx.x == 0) bcast[2] = 0u;
-  __syncthreads();
-  const unsigned t = threadIdx.x;
-  unsigned kt = 0, it = 0, eslot = 0;
-  bool in_bin = false;
-  if (t < total) {
-    unsigned off = t;
-    int w = 0;
-    while (off >= wcount[w]) { off -= wcount[w]; ++w; }
-    kt = list[w * 2 * cap_w + off];
-    it = list[w * 2 * cap_w + cap_w + off];
-    in_bin = hist_bin0(kt) == bin;
-    if (in_bin) {
-      eslot = atomicAdd(&bcast[2], 1u);
-      ekey[eslot] = kt;
-      eidx[eslot] = it;
-    }
-  }
-  __syncthreads();
-  // One warp per bin member, its lanes over the other members: about neq^2 / THREADS
-  // comparisons a thread, spread over every warp.
-  const unsigned neq = bcast[2];
-  for (unsigned e = warp; e < neq; e += NWARPS) {
-    const unsigned ke = ekey[e], ie = eidx[e];
-    unsigned c = 0;
-    for (unsigned j = lane; j < neq; j += 32) c += ekey[j] > ke || (ekey[j] == ke && eidx[j] < ie);
+  const int nunits = (L + 7) / 8;
+  const int rounds = (nunits + THREADS - 1) / THREADS;
+  // 1. Per unit, 8 flags per rung (rung i in bits 8i..8i+7), kept in hist (free until
+  // step 3); counts per rung, two 16-bit counts a word (L <= 8192).
+  const unsigned kr0 = mag_key(amax * 0.75f), kr1 = mag_key(amax * 0.55f), kr2 = mag_key(amax * 0.4f),
+                 kr3 = mag_key(amax * 0.28f);
+  unsigned n01 = 0u, n23 = 0u;
+  for (int h = 0; h < rounds; ++h) {
+    const int u = h * THREADS + threadIdx.x;
+    const int valid = min(8, L - 8 * u);
+    unsigned f = 0u;
+    if (valid > 0) {
+      float v[8];
+      load_unit_smem(a + 8 * u, v, valid);
 #pragma unroll
-    for (int o = 16; o; o >>= 1) c += __shfl_xor_sync(FULL, c, o);
-    if (lane == 0) erank[e] = c;
+      for (int j = 0; j < 8; ++j) {
+        const unsigned key = mag_key(v[j]);
+        if (j < valid)
+          f |= ((key >= kr0) << j) | ((key >= kr1) << (8 + j)) | ((key >= kr2) << (16 + j)) | ((key >= kr3) << (24 + j));
+      }
+      hist[u] = f;
+    }
+    n01 += __popc(f & 0xffu) | (__popc(f & 0xff00u) << 16);
+    n23 += __popc(f & 0xff0000u) | (__popc(f & 0xff000000u) << 16);
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) {
+    n01 += __shfl_xor_sync(FULL, n01, o);
+    n23 += __shfl_xor_sync(FULL, n23, o);
+  }
+  if (lane == 0) { wcount[warp] = n01; wcount[NWARPS + warp] = n23; }
+  __syncthreads();
+  n01 = n23 = 0u;
+  for (int w = 0; w < NWARPS; ++w) { n01 += wcount[w]; n23 += wcount[NWARPS + w]; }
+  // The highest rung with k keys (counts grow down the rungs).
+  const unsigned uk = (unsigned)k, n0 = n01 & 0xffffu, n1 = n01 >> 16, n2 = n23 & 0xffffu, n3 = n23 >> 16;
+  const int rung = n0 >= uk ? 0 : n1 >= uk ? 1 : n2 >= uk ? 2 : n3 >= uk ? 3 : 4;
+  const unsigned total = rung == 0 ? n0 : rung == 1 ? n1 : rung == 2 ? n2 : n3;
+  if (rung == 4 || total > (unsigned)cap) return false;  // uniform: every thread sees the same
+  // 2. The rung's flags of each unit and the count in earlier lanes of the warp (bits 8..).
+  for (int h = 0; h < rounds; ++h) {
+    const int u = h * THREADS + threadIdx.x;
+    const unsigned f = u < nunits ? (hist[u] >> (8 * rung)) & 255u : 0u;
+    const unsigned c = __popc(f);
+    unsigned incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned y = __shfl_up_sync(FULL, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (u < nunits) hist[u] = ((incl - c) << 8) | f;
+    if (lane == 31) gcnt[h * NWARPS + warp] = incl;
   }
   __syncthreads();
-  const bool sel = t < total && (!in_bin || erank[eslot] < need);
-  const unsigned pos = block_excl_scan(sel ? 1u : 0u, sw);
-  if (sel) {
-    const __nv_bfloat16 bv = __float2bfloat16_rn(a[it]);
-    widx[pos] = (int16_t)it;
-    wval[pos] = bv;
-    if (sidx) { sidx[pos] = (int16_t)it; sval[pos] = bv; }
-    a[it] = 0.0f;
+  // 2. List the candidates in index order (group g = h * NWARPS + warp covers units in order).
+  for (int h = 0; h < rounds; ++h) {
+    const int u = h * THREADS + threadIdx.x;
+    const unsigned fb = u < nunits ? hist[u] : 0u;  // hist[u] past the units is stale
+    if (!(fb & 255u)) continue;
+    const int g = h * NWARPS + warp;
+    unsigned pos = fb >> 8;
+    for (int j = 0; j < g; ++j) pos += gcnt[j];
+    const int i0 = 8 * u;
+    for (unsigned f = fb & 255u; f; f &= f - 1) {
+      const int i = i0 + __ffs(f) - 1;
+      ckey[pos] = mag_key(a[i]);
+      cidx[pos] = (unsigned)i;
+      ++pos;
+    }
+  }
+  __syncthreads();
+  // 3. Radix passes over the list (11, 10, 10 bits). T = the k-th largest key, take_eq = how
+  // many keys equal to T are kept; a pass whose bin is kept whole ends the search early
+  // (keep every key >= the bin's lowest key, that is > T = lowest - 1, none equal).
+  unsigned prefix = 0u, pmask = 0u, need = (unsigned)k, T = 0u, take_eq = 0u;
+  for (int p = 0; p < 3; ++p) {
+    const int shift = p == 0 ? 20 : (p == 1 ? 10 : 0);
+    const int nbins = p == 0 ? HIST_BINS : 1024;
+    for (int b = threadIdx.x; b < nbins; b += THREADS) hist[b] = 0u;
+    __syncthreads();
+    for (unsigned e = threadIdx.x; e < total; e += THREADS) {
+      const unsigned key = ckey[e];
+      if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & (unsigned)(nbins - 1)], 1u);
+    }
+    __syncthreads();
+    const uint3 r = hist_select(hist, nbins, need, sw, bcast);
+    prefix |= r.x << shift;
+    pmask |= (unsigned)(nbins - 1) << shift;
+    need -= r.y;
+    if (p == 2) { T = prefix; take_eq = need; break; }
+    if (r.z == need && prefix > 0u) { T = prefix - 1u; take_eq = 0u; break; }
+  }
+  // 4. Write the kept candidates ascending: thread t walks a contiguous run of the list;
+  // one scan of (greater, equal) counts, packed in 16 bits each (total <= cap <= 65535).
+  const unsigned per = (total + THREADS - 1) / THREADS;
+  const unsigned e0 = min(total, threadIdx.x * per), e1 = min(total, e0 + per);
+  unsigned ngt = 0, neq = 0;
+  for (unsigned e = e0; e < e1; ++e) {
+    ngt += ckey[e] > T;
+    neq += ckey[e] == T;
+  }
+  const unsigned packed = block_excl_scan(ngt | (neq << 16), sw);
+  unsigned my_gt = packed & 0xffffu, my_eq = packed >> 16;
+  for (unsigned e = e0; e < e1; ++e) {
+    const unsigned key = ckey[e];
+    const bool gt = key > T, eq = key == T;
+    if (gt || (eq && my_eq < take_eq)) {
+      const unsigned pos = my_gt + min(my_eq, take_eq);
+      const int i = (int)cidx[e];
+      const __nv_bfloat16 bv = __float2bfloat16_rn(a[i]);
+      widx[pos] = (int16_t)i;
+      wval[pos] = bv;
+      if (sidx) { sidx[pos] = (int16_t)i; sval[pos] = bv; }
+      a[i] = 0.0f;
+    }
+    my_gt += gt;
+    my_eq += eq;
   }
   __syncthreads();
   return true;

@@ -70,10 +70,14 @@ def make_pair(sizes, pdtype, gdtype, t, seed, **hyper):
     return cpu, gpu, opt_c, opt_g, gen
 
 
-def step_pair(cpu, gpu, opt_c, opt_g, gdtype, gen, poison=True):
+def gaussian(n, gen):
+    return torch.randn(n, generator=gen) * 0.05
+
+
+def step_pair(cpu, gpu, opt_c, opt_g, gdtype, gen, poison=True, make_grad=gaussian):
     m = opt_c.param_groups[0]["m"]
     for pc, pg in zip(cpu, gpu):
-        g = (torch.randn(pc.shape, generator=gen) * 0.05).to(gdtype)
+        g = make_grad(pc.numel(), gen).reshape(pc.shape).to(gdtype)
         set_grad(pc, g)
         set_grad(pg, g.cuda())
         if poison:
@@ -131,7 +135,7 @@ def test_one_step_matches_reference(pdtype, gdtype, quant_block, seed):
 
 @pytest.mark.parametrize("topk_block,quant_block,density,m", [
     (1001, 7, 0.05, 3), (4096, 4096, 0.01, 1), (32768, 32768, 0.01, 4), (2048, 100000, 0.2, 5),
-    (4096, 3, 0.01, 2), (1, 1, 1.0, 2)])
+    (4096, 3, 0.01, 2), (1, 1, 1.0, 2), (8192, 64, 0.01, 10), (4096, 64, 0.01, 40)])
 @pytest.mark.parametrize("ef_rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_block_shapes_rounding_decay(topk_block, quant_block, density, m, ef_rounding, weight_decay, seed):
@@ -146,19 +150,35 @@ def test_block_shapes_rounding_decay(topk_block, quant_block, density, m, ef_rou
         assert_same(cpu, gpu, opt_c, opt_g, torch.float32)
 
 
-def test_ties_take_lower_index(seed):
-    """Gradients with many equal magnitudes (fresh EF): the kept set is the lowest indices."""
-    sizes = [8192, 4097]
-    pair = make_pair(sizes, torch.bfloat16, torch.bfloat16, 1, seed)
+def _zero_ef_step(sizes, pdtype, gdtype, seed, make_grad):
+    pair = make_pair(sizes, pdtype, gdtype, 1 + seed % 7, seed)
     cpu, gpu, opt_c, opt_g, gen = pair
     for pc, pg in zip(cpu, gpu):
         for st in (opt_c.state[pc], opt_g.state[pg]):
             st["ef"].zero_(); st["ef_min"].zero_(); st["ef_max"].zero_()
-    for pc, pg in zip(cpu, gpu):
-        g = torch.randint(-3, 4, pc.shape, generator=gen).to(torch.bfloat16)
-        pc.grad, pg.grad = g, g.cuda()
-    opt_c.step(); opt_g.step()
-    assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
+    step_pair(cpu, gpu, opt_c, opt_g, gdtype, gen, make_grad=make_grad)
+    assert_same(cpu, gpu, opt_c, opt_g, pdtype)
+
+
+def test_ties_take_lower_index(seed):
+    """Gradients with many equal magnitudes (fresh EF): the kept set is the lowest indices."""
+    _zero_ef_step([8192, 4097], torch.bfloat16, torch.bfloat16, seed,
+                  lambda n, gen: torch.randint(-3, 4, (n,), generator=gen).float())
+
+
+def test_ties_at_the_threshold_among_candidates(seed):
+    """bf16 Gaussian gradients with zero EF: a holds bf16 values, so the k-th largest
+    magnitude is often shared by several entries, all above the fast path's guess."""
+    _zero_ef_step([8192, 4097, 300], torch.float32, torch.bfloat16, seed, gaussian)
+
+
+def test_sparse_gradient_falls_back_to_the_general_top_k(seed):
+    """Fewer nonzeros than k per block: the guess from the mean square lists too few
+    candidates, the general path keeps every nonzero and the lowest-indexed zeros."""
+    def sparse(n, gen):
+        g = torch.randn(n, generator=gen)
+        return g * (torch.rand(n, generator=gen) < 0.003)
+    _zero_ef_step([8192, 4097, 300], torch.bfloat16, torch.bfloat16, seed, sparse)
 
 
 def test_trajectory_100_steps(seed):
