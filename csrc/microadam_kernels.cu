@@ -18,6 +18,9 @@
 #ifndef MICROADAM_NO_FAST_TOPK
 #define MICROADAM_NO_FAST_TOPK 0  // 1: always the general threshold path of the top-k
 #endif
+#ifndef MICROADAM_MIN_BLOCKS
+#define MICROADAM_MIN_BLOCKS 5  // __launch_bounds__ of the top-k kernel: resident blocks per SM (caps registers)
+#endif
 #ifndef MICROADAM_ROW_MOMENTS
 #define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
 #endif
@@ -82,7 +85,7 @@ __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w,
 }
 
 template <typename P, typename G>
-__global__ void __launch_bounds__(THREADS, 4) compress_update_kernel(StepArgs A) {
+__global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update_kernel(StepArgs A) {
   extern __shared__ float4 smem_raw[];
   const int B = A.topk_block, Q = A.quant_block, m = A.m, KB = A.k_block;
   const int S = (B + 15) & ~15;
@@ -517,6 +520,10 @@ cudaError_t launch_pass1(const StepArgs& A, cudaStream_t s) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
+  // All of L1 that can be shared memory: MICROADAM_MIN_BLOCKS blocks of ~43 KB (topk_block 4096) per SM.
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       (int)cudaSharedmemCarveoutMaxShared);
+  if (e != cudaSuccess) return e;
   const int64_t grid = A.total_blocks < INT_MAX ? A.total_blocks : INT_MAX;
   kernel<<<(unsigned)grid, THREADS, (size_t)smem, s>>>(A);
   return cudaGetLastError();
