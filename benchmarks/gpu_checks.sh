@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks: the ahead-of-time build (pip install), the just-in-time build,
 # the GPU tests and the step benchmark, results under $OUT.
-# Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh [all | a comma list of tests,bench,ncu] [pytest -k expr]
+# Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh [all | a comma list of tests,bench,ncu,sanitize] [pytest -k expr]
 set -o pipefail
 OUT=${OUT:-/tmp/microadam_gpu}; mkdir -p "$OUT"
 # The image's TORCH_CUDA_ARCH_LIST (9.0a) is kept on purpose: our build must accept it.
@@ -44,4 +44,13 @@ if want ncu; then
   grep -E "Duration|Executed Instructions  |Eligible Warps|Achieved Occupancy|Warp Cycles Per Issued" "$OUT/ncu_details.txt"
   head -30 "$OUT/ncu_top_lines.txt"
   echo "ncu done: $(( $(date +%s) - start )) s"
+fi
+if [[ ",$what," == *",sanitize,"* ]]; then
+  # compute-sanitizer over the GPU tests that reach every top-k and moments path (not in "all": slow).
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool $tool --print-limit 4 python3 -m pytest -x -q -p no:cacheprovider tests/test_cuda_kernels.py \
+      -k "ties or sparse or (block_shapes and nearest and 0.1 and (1001 or 40 or 8192))" 2>&1 | tee "$OUT/sanitize_$tool.log" \
+      | grep -E "SUMMARY|passed|failed"
+  done
+  echo "sanitize done: $(( $(date +%s) - start )) s"
 fi
