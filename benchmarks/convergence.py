@@ -8,7 +8,8 @@
 2. From that checkpoint, fine-tune on a different corpus B (`--finetune-corpus`,
    default PyTorch's C++ headers) for `--finetune-steps` steps with each optimizer of
    `--optimizers` (default AdamW; MicroAdam m=10, density 1%; the same with stochastic
-   EF rounding): same initial weights, same batches, same LR schedule and clipping.
+   EF rounding; variants as `microadam/density=0.02/m=20` or `adamw/lr=1e-4`): same
+   initial weights, same batches, same LR schedule and clipping.
 3. Report each run's held-out loss on corpus B (files never trained on), its curve,
    and its optimizer state in bytes per parameter, measured from the state tensors.
 
@@ -37,11 +38,13 @@ from microadam_dist import MicroAdam  # noqa: E402
 from microadam_dist.ops import select_backend  # noqa: E402
 
 OPTIMIZERS = {
-    "adamw": dict(label="AdamW"),
-    "microadam": dict(label="MicroAdam (m=10, 1%)", m=10, density=0.01, ef_rounding="nearest"),
-    "microadam_sr": dict(label="MicroAdam (m=10, 1%, stochastic EF)", m=10, density=0.01,
-                         ef_rounding="stochastic"),
+    "adamw": dict(),
+    "microadam": dict(m=10, density=0.01, ef_rounding="nearest"),
+    "microadam_sr": dict(m=10, density=0.01, ef_rounding="stochastic"),
 }
+# Overrides allowed after a name, "/"-separated: microadam/density=0.02/m=20, adamw/lr=1e-4.
+VARIANT_KEYS = {"lr": float, "m": int, "density": float, "ef_rounding": str, "quant_block": int,
+                "topk_block": int}
 TINY = dict(size="tiny", pretrain_steps=40, finetune_steps=40, batch=4, seq_len=64, eval_every=10,
             eval_windows=8, max_tokens=400_000, tag="tiny")
 
@@ -79,9 +82,42 @@ def parse_args(argv=None):
                 setattr(args, k, v)
     args.tag = args.tag or args.size
     for name in args.optimizers.split(","):
-        if name not in OPTIMIZERS:
-            ap.error(f"--optimizers: unknown {name!r}; expected a comma list of {', '.join(OPTIMIZERS)}")
+        try:
+            optimizer_spec(name)
+        except ValueError as e:
+            ap.error(f"--optimizers: {e}")
     return args
+
+
+def optimizer_spec(name: str) -> dict:
+    """The label and hyper-parameters of one --optimizers entry: a name of OPTIMIZERS, then
+    optional "/key=value" overrides (VARIANT_KEYS; only lr for adamw)."""
+    base, *mods = name.split("/")
+    if base not in OPTIMIZERS:
+        raise ValueError(f"unknown {base!r}; expected a comma list of {', '.join(OPTIMIZERS)}, "
+                         f"each optionally followed by /key=value ({', '.join(VARIANT_KEYS)})")
+    spec = dict(OPTIMIZERS[base])
+    for mod in mods:
+        key, eq, value = mod.partition("=")
+        if not eq or key not in VARIANT_KEYS or (base == "adamw" and key != "lr"):
+            allowed = "lr" if base == "adamw" else ", ".join(VARIANT_KEYS)
+            raise ValueError(f"{name!r}: override {mod!r} is not key=value with key one of {allowed}")
+        try:
+            spec[key] = VARIANT_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"{name!r}: {key}={value!r} is not a {VARIANT_KEYS[key].__name__}") from None
+    if base == "adamw":
+        label = "AdamW"
+    else:
+        label = f"MicroAdam (m={spec['m']}, {100 * spec['density']:g}%"
+        label += ", stochastic EF)" if spec["ef_rounding"] == "stochastic" else ")"
+        label += "".join(f", {k} {spec[k]}" for k in ("quant_block", "topk_block") if k in spec)
+    spec["label"] = label + (f", LR {spec['lr']:g}" if "lr" in spec else "")
+    return spec
+
+
+def is_adamw(name: str) -> bool:
+    return name.split("/")[0] == "adamw"
 
 
 class Runner:
@@ -151,10 +187,12 @@ class Runner:
 
 
 def make_optimizer(name: str, model, lr: float, backend: str):
+    """The optimizer of an --optimizers entry; its "/lr=" override wins over lr."""
     groups = common.decay_groups(model, 0.0)
-    if name == "adamw":
+    hyper = {k: v for k, v in optimizer_spec(name).items() if k != "label"}
+    lr = hyper.pop("lr", lr)
+    if is_adamw(name):
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=torch.cuda.is_available() or None)
-    hyper = {k: v for k, v in OPTIMIZERS[name].items() if k != "label"}
     return MicroAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, backend=backend, **hyper)
 
 
@@ -172,7 +210,7 @@ def write_results(args, results: dict) -> tuple[str, str]:
 
 def summarize(results: dict) -> None:
     runs = results["finetune"]
-    base = runs.get("adamw")
+    base = next((r for n, r in runs.items() if is_adamw(n)), None)
     print(f"\n{'optimizer':<38} {'final eval loss':>15} {'vs AdamW':>9} {'state B/param':>14} {'s/step':>7}")
     for r in runs.values():
         rel = f"{100 * (r['final_eval_loss'] / base['final_eval_loss'] - 1):+.2f}%" if base else "-"
@@ -189,7 +227,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     tokens_total = (args.pretrain_steps + len(args.optimizers.split(",")) * args.finetune_steps) * args.batch * args.seq_len
     est = 6 * n_params * tokens_total / 4e14
-    backend = select_backend(args.backend, dev)[0] if args.optimizers != "adamw" else "-"
+    backend = "-" if all(is_adamw(n) for n in args.optimizers.split(",")) else select_backend(args.backend, dev)[0]
     print(f"model {args.size}: {n_params / 1e6:.1f} M params; {tokens_total / 1e6:.0f} M tokens in all; "
           f"~{est / 60:.1f} min of matmuls at 400 TFLOP/s; device {dev}; MicroAdam backend {backend}", flush=True)
     results = {"args": vars(args), "params": n_params, "device": torch.cuda.get_device_name() if runner.cuda else "cpu",
@@ -213,8 +251,9 @@ def main(argv=None) -> dict:
     for name in args.optimizers.split(","):
         model.load_state_dict(start)
         opt = make_optimizer(name, model, args.lr, args.backend)
-        run = runner.train(model, opt, "finetune", args.finetune_steps, OPTIMIZERS[name]["label"])
-        run["label"] = OPTIMIZERS[name]["label"]
+        label = optimizer_spec(name)["label"]
+        run = runner.train(model, opt, "finetune", args.finetune_steps, label)
+        run["label"] = label
         run["state_bytes"] = common.optimizer_state_bytes(opt)
         run["state_bytes_per_param"] = run["state_bytes"] / n_params
         run["nonfinite_skips"] = getattr(opt, "nonfinite_skips", 0)
@@ -226,7 +265,7 @@ def main(argv=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
         path, png = write_results(args, results)  # after every run: a cut-off run keeps what it finished
 
-    base = results["finetune"].get("adamw")
+    base = next((r for n, r in results["finetune"].items() if is_adamw(n)), None)
     if base:
         for name, r in results["finetune"].items():
             r["eval_loss_vs_adamw"] = r["final_eval_loss"] / base["final_eval_loss"]
