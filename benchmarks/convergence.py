@@ -120,6 +120,11 @@ def is_adamw(name: str) -> bool:
     return name.split("/")[0] == "adamw"
 
 
+def adamw_baseline(runs: dict) -> dict | None:
+    """The first AdamW run of results["finetune"], the one the others are compared with."""
+    return next((r for n, r in runs.items() if is_adamw(n)), None)
+
+
 class Runner:
     """Everything one training run needs: device, precision, data, evaluation."""
 
@@ -210,7 +215,7 @@ def write_results(args, results: dict) -> tuple[str, str]:
 
 def summarize(results: dict) -> None:
     runs = results["finetune"]
-    base = next((r for n, r in runs.items() if is_adamw(n)), None)
+    base = adamw_baseline(runs)
     print(f"\n{'optimizer':<38} {'final eval loss':>15} {'vs AdamW':>9} {'state B/param':>14} {'s/step':>7}")
     for r in runs.values():
         rel = f"{100 * (r['final_eval_loss'] / base['final_eval_loss'] - 1):+.2f}%" if base else "-"
@@ -265,7 +270,7 @@ def main(argv=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
         path, png = write_results(args, results)  # after every run: a cut-off run keeps what it finished
 
-    base = next((r for n, r in results["finetune"].items() if is_adamw(n)), None)
+    base = adamw_baseline(results["finetune"])
     if base:
         for name, r in results["finetune"].items():
             r["eval_loss_vs_adamw"] = r["final_eval_loss"] / base["final_eval_loss"]

@@ -1,12 +1,12 @@
 // Block-wide top-k by magnitude over a[0..L) in shared memory, ties to the lower index.
 //
 // Keys are |a| as IEEE bit patterns (monotone for non-negative floats).
-// Fast path (topk_cand): the caller guesses a lower bound of the k-th largest key from the
-// block's mean square; the few keys above it (about 4k) are listed in index order and
-// radix passes over that list alone find the k-th largest. General path (the guess
-// failed, or blocks over 8192): one radix pass over the top 11 bits of every key finds the
-// bin of the k-th largest; its members are ranked directly, or, if the bin is crowded
-// (many exact ties), two more radix passes resolve the key.
+// Fast path (topk_cand): the keys above the highest of four rungs of the block's largest
+// key that holds at least k of them are listed in index order, and radix passes over that
+// list alone find the k-th largest. General path (no rung fits, or blocks over 8192): one
+// radix pass over the top 11 bits of every key finds the bin of the k-th largest; its
+// members are ranked directly, or, if the bin is crowded (many exact ties), two more
+// radix passes resolve the key.
 #pragma once
 
 #include "common.cuh"
@@ -176,7 +176,7 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
   const int nunits = (L + 7) / 8;
   const int rounds = (nunits + THREADS - 1) / THREADS;
   // 1. Per unit, 8 flags per rung (rung i in bits 8i..8i+7), kept in hist (free until
-  // step 3); counts per rung, two 16-bit counts a word (L <= 8192).
+  // step 4); counts per rung, two 16-bit counts a word (L <= 8192).
   const unsigned kr0 = mag_key(amax * 0.75f), kr1 = mag_key(amax * 0.55f), kr2 = mag_key(amax * 0.4f),
                  kr3 = mag_key(amax * 0.28f);
   unsigned n01 = 0u, n23 = 0u;
@@ -227,7 +227,7 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
     if (lane == 31) gcnt[h * NWARPS + warp] = incl;
   }
   __syncthreads();
-  // 2. List the candidates in index order (group g = h * NWARPS + warp covers units in order).
+  // 3. List the candidates in index order (group g = h * NWARPS + warp covers units in order).
   for (int h = 0; h < rounds; ++h) {
     const int u = h * THREADS + threadIdx.x;
     const unsigned fb = u < nunits ? hist[u] : 0u;  // hist[u] past the units is stale
@@ -244,7 +244,7 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
     }
   }
   __syncthreads();
-  // 3. Radix passes over the list (11, 10, 10 bits). T = the k-th largest key, take_eq = how
+  // 4. Radix passes over the list (11, 10, 10 bits). T = the k-th largest key, take_eq = how
   // many keys equal to T are kept; a pass whose bin is kept whole ends the search early
   // (keep every key >= the bin's lowest key, that is > T = lowest - 1, none equal).
   unsigned prefix = 0u, pmask = 0u, need = (unsigned)k, T = 0u, take_eq = 0u;
@@ -265,7 +265,7 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
     if (p == 2) { T = prefix; take_eq = need; break; }
     if (r.z == need && prefix > 0u) { T = prefix - 1u; take_eq = 0u; break; }
   }
-  // 4. Write the kept candidates ascending: thread t walks a contiguous run of the list;
+  // 5. Write the kept candidates ascending: thread t walks a contiguous run of the list;
   // one scan of (greater, equal) counts, packed in 16 bits each (total <= cap <= 65535).
   const unsigned per = (total + THREADS - 1) / THREADS;
   const unsigned e0 = min(total, threadIdx.x * per), e1 = min(total, e0 + per);

@@ -173,8 +173,8 @@ def test_ties_at_the_threshold_among_candidates(seed):
 
 
 def test_sparse_gradient_falls_back_to_the_general_top_k(seed):
-    """Fewer nonzeros than k per block: the guess from the mean square lists too few
-    candidates, the general path keeps every nonzero and the lowest-indexed zeros."""
+    """Fewer nonzeros than k per block: no rung of the block's maximum holds k keys, so
+    the general path keeps every nonzero and the lowest-indexed zeros."""
     def sparse(n, gen):
         g = torch.randn(n, generator=gen)
         return g * (torch.rand(n, generator=gen) < 0.003)
