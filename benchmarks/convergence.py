@@ -22,6 +22,7 @@ no torch.compile; MicroAdam's backend is "auto" (the fused kernels when
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -74,6 +75,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--tag", default=None, help="file names: convergence_TAG.json/png (default: the size)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nondeterministic", action="store_true",
+                    help="allow nondeterministic CUDA kernels (the embedding backward's atomics); by default "
+                         "torch.use_deterministic_algorithms makes the pre-trained weights identical across "
+                         "processes, so rows of separate runs compare (pretrained_checksum says so)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -135,6 +140,10 @@ class Runner:
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if not args.nondeterministic:
+            # cuBLAS needs a fixed workspace for reproducible results (set before its first use).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.tok = common.ByteTokenizer()
         eval_tokens = max(args.eval_windows * (args.seq_len + 1) * 4, 200_000)
         self.data = {}
@@ -201,6 +210,15 @@ def make_optimizer(name: str, model, lr: float, backend: str):
     return MicroAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, backend=backend, **hyper)
 
 
+def weights_checksum(state: dict) -> str:
+    """A hash of the exact bytes of every tensor: equal across processes iff the weights are."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def write_results(args, results: dict) -> tuple[str, str]:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"convergence_{args.tag}.json")
@@ -251,6 +269,7 @@ def main(argv=None) -> dict:
         if args.save_pretrained:
             torch.save(model.state_dict(), args.save_pretrained)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results["pretrained_checksum"] = weights_checksum(start)
     results["pretrained_eval_loss_on_finetune_corpus"] = runner.evaluate(model, "finetune")
 
     for name in args.optimizers.split(","):

@@ -9,6 +9,7 @@ already has:
 | -------- | ------------------------------------------------------------------------------ |
 | `python` | the Python standard library's `.py` sources                                    |
 | `cpp`    | PyTorch's C++ headers (`torch/include`)                                        |
+| `pypackages` | the `.py` sources of installed packages (site-packages: torch, numpy, ...) |
 | `docs`   | prose: /usr/share/common-licenses, /usr/share/doc, installed packages' READMEs  |
 | PATH     | a text file, or every .txt/.md/.rst/.py file under a folder                    |
 
@@ -30,7 +31,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-CORPORA = ("python", "cpp", "docs")
+CORPORA = ("python", "cpp", "pypackages", "docs")
 
 # Model sizes (byte vocabulary). Parameter counts: tiny ~0.9 M, small ~7 M, 125m ~128 M, 350m ~307 M.
 SIZES = {
@@ -102,6 +103,8 @@ def corpus_files(name: str) -> list[str]:
         inc = os.path.join(os.path.dirname(torch.__file__), "include")
         files = [f for ext in ("h", "hpp", "cuh") for f in glob.glob(os.path.join(inc, "**", f"*.{ext}"),
                                                                      recursive=True)]
+    elif name == "pypackages":
+        files = [f for sp in _site_packages() for f in glob.glob(os.path.join(sp, "**", "*.py"), recursive=True)]
     elif name == "docs":
         files = glob.glob("/usr/share/common-licenses/*")
         for root, _, names in os.walk("/usr/share/doc"):

@@ -50,6 +50,7 @@ def test_tiny_run_writes_one_row_per_entry(tmp_path):
     rows = res["finetune"]
     assert list(rows) == entries
     assert (tmp_path / "convergence_tiny.png").stat().st_size > 10_000
+    assert len(res["pretrained_checksum"]) == 16 and int(res["pretrained_checksum"], 16) >= 0
     for name, r in rows.items():
         assert math.isfinite(r["final_eval_loss"]) and r["final_eval_loss"] < math.log(259), (name, r)
         assert r["label"] == convergence.optimizer_spec(name)["label"]
@@ -58,3 +59,14 @@ def test_tiny_run_writes_one_row_per_entry(tmp_path):
     # The window holds m * k entries of 4 bytes per top-k block: m=4 at 5% holds twice m=10 at 1%.
     win = {n: rows[n]["state_bytes_per_param"] - 0.5 for n in entries[1:]}  # less the 4-bit EF
     assert win[entries[2]] == pytest.approx(2 * win[entries[1]], rel=0.05), win
+
+
+def test_weights_checksum_sees_one_ulp():
+    import torch
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    state = {"a.weight": torch.randn(37, 5, generator=g), "b.bias": torch.randn(11, generator=g)}
+    same = {k: v.clone() for k, v in reversed(list(state.items()))}  # order of the dict does not matter
+    assert convergence.weights_checksum(state) == convergence.weights_checksum(same)
+    j = int(torch.randint(0, 11, (1,), generator=g))
+    same["b.bias"][j] = torch.nextafter(same["b.bias"][j], torch.tensor(math.inf))
+    assert convergence.weights_checksum(state) != convergence.weights_checksum(same)
