@@ -135,7 +135,8 @@ def test_one_step_matches_reference(pdtype, gdtype, quant_block, seed):
 
 @pytest.mark.parametrize("topk_block,quant_block,density,m", [
     (1001, 7, 0.05, 3), (4096, 4096, 0.01, 1), (32768, 32768, 0.01, 4), (2048, 100000, 0.2, 5),
-    (4096, 3, 0.01, 2), (1, 1, 1.0, 2), (8192, 64, 0.01, 10), (4096, 64, 0.01, 40)])
+    (4096, 3, 0.01, 2), (1, 1, 1.0, 2), (8192, 64, 0.01, 10), (4096, 64, 0.01, 40),
+    (4096, 1024, 0.01, 4), (4096, 16, 0.02, 3), (1000, 16, 0.03, 2), (512, 100000, 0.05, 32)])
 @pytest.mark.parametrize("ef_rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_block_shapes_rounding_decay(topk_block, quant_block, density, m, ef_rounding, weight_decay, seed):
@@ -179,6 +180,18 @@ def test_sparse_gradient_falls_back_to_the_general_top_k(seed):
         g = torch.randn(n, generator=gen)
         return g * (torch.rand(n, generator=gen) < 0.003)
     _zero_ef_step([8192, 4097, 300], torch.bfloat16, torch.bfloat16, seed, sparse)
+
+
+@pytest.mark.parametrize("quant_block", [64, 4096, 100000])
+def test_gradient_scale_jumps_between_steps(quant_block, seed):
+    """Steps from real windows (each block's previous row guides its top-k) while the
+    gradient's scale jumps up and down by 100x: the guess misses and the search recovers."""
+    pair = make_pair([8192 + 40, 4097, 300], torch.bfloat16, torch.bfloat16, 1, seed, quant_block=quant_block,
+                     lr=1e-2)
+    cpu, gpu, opt_c, opt_g, gen = pair
+    for scale in (1.0, 1.0, 100.0, 100.0, 0.01, 1.0):
+        step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen, make_grad=lambda n, g: gaussian(n, g) * scale)
+        assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
 
 
 def test_trajectory_100_steps(seed):
