@@ -455,13 +455,27 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
 //     once: first around last step's k-th largest |a| (the smallest magnitude in the
 //     block's previous window row) or, without one, below the block's largest |a|; then,
 //     while more than RANK_CAP keys lie above the best rung, four rungs between it and the
-//     next one up (REG_ROUNDS rounds in all);
+//     next one up, placed by regula falsi on the counts (REG_ROUNDS rounds in all);
 //   * the keys above the chosen rung (k <= C <= RANK_CAP) are listed and ranked against each
-//     other by (|a| descending, index ascending): exact, ties to the lower index;
+//     other by (|a| descending, index ascending) with warp ballots: exact, ties to the lower
+//     index;
 //   * blocks where no round isolates a rung (exact ties, sparse blocks) store a to shared
 //     memory and take the general top-k of topk.cuh, then reload it.
-constexpr int RANK_CAP = 128;  // candidates ranked pairwise (C^2 / 32 warp steps)
-constexpr int REG_ROUNDS = 3;  // counting rounds before the general path
+#ifndef MICROADAM_RANK_CAP
+#define MICROADAM_RANK_CAP 128
+#endif
+#ifndef MICROADAM_REG_ROUNDS
+#define MICROADAM_REG_ROUNDS 4
+#endif
+constexpr int RANK_CAP = MICROADAM_RANK_CAP;  // candidates ranked pairwise (C^2 / 32 warp steps), <= 1024
+constexpr int REG_ROUNDS = MICROADAM_REG_ROUNDS;  // counting rounds before the general path
+constexpr int CSLOTS = RANK_CAP / 32;  // candidates per lane while ranking
+static_assert(RANK_CAP % 32 == 0 && 3 * RANK_CAP <= HIST_BINS, "the candidate list lives in the histogram");
+
+// Rank key of a candidate: larger is kept first (|a| descending, then the lower index).
+__device__ __forceinline__ uint64_t cand_rank(float v, int i) {
+  return ((uint64_t)mag_key(v) << 32) | (uint64_t)(~(unsigned)i);
+}
 
 __device__ __forceinline__ unsigned warp_sum(unsigned v) {
 #pragma unroll
@@ -501,8 +515,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_REG_MIN_BLOCKS) compress_up
   const int S = (B + 15) & ~15;
   float* a = reinterpret_cast<float*>(smem_raw);  // general path's a, then the moments' mask
   unsigned* hist = reinterpret_cast<unsigned*>(a + S);
-  float* cval = reinterpret_cast<float*>(hist);  // candidates: value, local index (RANK_CAP each)
-  int* cidx = reinterpret_cast<int*>(hist + RANK_CAP);
+  uint64_t* ccomp = reinterpret_cast<uint64_t*>(hist);  // candidates: rank keys, values (RANK_CAP each)
+  float* cval = reinterpret_cast<float*>(hist + 2 * RANK_CAP);
   int16_t* sidx = A.win_smem ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
   __nv_bfloat16* sval = A.win_smem ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
   __shared__ Rec R;
@@ -511,7 +525,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_REG_MIN_BLOCKS) compress_up
   __shared__ unsigned bcast[4];
   __shared__ unsigned wcnt[REG_ROUNDS][NWARPS][2];  // per warp: rung counts, 16 bits each
   __shared__ unsigned wkmax[NWARPS];
-  __shared__ unsigned tau_key, thr[2];
+  __shared__ unsigned tau_key;
+  __shared__ uint64_t thr_c;
   __shared__ float pmn[2 * NWARPS], pmx[2 * NWARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
@@ -598,8 +613,9 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_REG_MIN_BLOCKS) compress_up
         K[3] = mag_key(bmax * 0.28f);
       }
     }
-    // lo: the largest rung key known to hold >= kj keys (0: all), hi: the smallest holding fewer.
-    unsigned lo = 0u, hi = kmax + 1u, nlo = 0u;
+    // lo: the largest rung key known to hold >= kj keys (0: all), hi: the smallest holding
+    // fewer; nlo, nhi their counts.
+    unsigned lo = 0u, hi = kmax + 1u, nlo = (unsigned)L, nhi = 0u;
     int lo_round = -1, lo_rung = 0;
     bool found = false;
     for (int rd = 0; rd < REG_ROUNDS; ++rd) {
@@ -626,16 +642,22 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_REG_MIN_BLOCKS) compress_up
       for (int i = 0; i < 4; ++i) {
         if (N[i] >= (unsigned)kj) {
           if (K[i] > lo || lo_round < 0) { lo = K[i]; nlo = N[i]; lo_round = rd; lo_rung = i; }
-        } else {
-          hi = min(hi, K[i]);
+        } else if (K[i] < hi) {
+          hi = K[i];
+          nhi = N[i];
         }
       }
       if (lo_round >= 0 && nlo <= (unsigned)RANK_CAP) { found = true; break; }
       if (hi - lo < 2u) break;  // one key value holds too many: exact ties
-      // Four rungs strictly between lo and hi, evenly in key space (about log-spaced).
-      const uint64_t span = (uint64_t)(hi - lo);
+      // Regula falsi in key space: the count falls from nlo at lo to nhi at hi; the next four
+      // rungs bracket the key where a straight line between them crosses the middle of
+      // [kj, RANK_CAP], two on each side.
+      const float target = 0.5f * (float)(kj + RANK_CAP);
+      const float p = fminf(fmaxf(((float)nlo - target) / (float)(nlo - nhi), 0.02f), 0.98f);
+      const float f[4] = {p + 0.5f * (1.0f - p), p + 0.15f * (1.0f - p), 0.85f * p, 0.5f * p};
+      const float span = (float)(hi - lo);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) K[i] = lo + (unsigned)(span * (uint64_t)(4 - i) / 5u);
+      for (int i = 0; i < 4; ++i) K[i] = min(hi - 1u, max(lo + 1u, lo + (unsigned)(span * f[i])));
     }
 
     int16_t* gi = R.win_idx + (int64_t)row * R.k_total + col0;
@@ -643,7 +665,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_REG_MIN_BLOCKS) compress_up
     int16_t* si = A.win_smem ? sidx + row * KB : nullptr;
     __nv_bfloat16* sv = A.win_smem ? sval + row * KB : nullptr;
     if (found) {
-      // 4. List the C keys >= lo: warp base from the per-warp counts, then lanes in order.
+      // 4. List the C keys >= lo as 64-bit ranks, (key << 32) | ~index: larger is kept first
+      // (ties to the lower index). Warp base from the per-warp counts, then lanes in order.
       const unsigned C = nlo;
       unsigned mine = 0u;
 #pragma unroll
@@ -664,50 +687,56 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_REG_MIN_BLOCKS) compress_up
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
             if (mag_key(av[h][j]) >= lo) {
+              ccomp[pos] = cand_rank(av[h][j], 8 * (tid + h * THREADS) + j);
               cval[pos] = av[h][j];
-              cidx[pos] = 8 * (tid + h * THREADS) + j;
               ++pos;
             }
           }
       }
       __syncthreads();
-      // 5. Rank each candidate by (key descending, index ascending); rank kj-1 is the threshold.
-      for (unsigned e = tid; e < C; e += THREADS) {
-        const unsigned ke = mag_key(cval[e]);
-        const int ie = cidx[e];
+      // 5. Each lane holds candidates lane + 32 s; a warp ranks its candidates (e = warp,
+      // warp + NWARPS, ...) by ballots over them: rank = candidates ranked higher. Rank kj-1
+      // is the threshold.
+      uint64_t mc[CSLOTS];
+#pragma unroll
+      for (int sl = 0; sl < CSLOTS; ++sl) {
+        const unsigned j = (unsigned)(lane + 32 * sl);
+        mc[sl] = j < C ? ccomp[j] : 0ull;  // 0 ranks below every candidate (keys >= 1)
+      }
+      for (unsigned e = warp; e < C; e += NWARPS) {
+        const uint64_t ce = ccomp[e];
         unsigned rank = 0u;
-        for (unsigned j = 0; j < C; ++j) {
-          const unsigned kjj = mag_key(cval[j]);
-          rank += kjj > ke || (kjj == ke && cidx[j] < ie);
-        }
-        if (rank == (unsigned)kj - 1u) { thr[0] = ke; thr[1] = (unsigned)ie; }
+#pragma unroll
+        for (int sl = 0; sl < CSLOTS; ++sl) rank += __popc(__ballot_sync(FULL, mc[sl] > ce));
+        if (lane == 0 && rank == (unsigned)kj - 1u) thr_c = ce;
       }
       __syncthreads();
-      const unsigned tkey = thr[0];
-      const int tidx = (int)thr[1];
-      // 6. Write the kept entries ascending (position = kept entries of lower index).
-      for (unsigned e = tid; e < C; e += THREADS) {
-        const unsigned ke = mag_key(cval[e]);
-        const int ie = cidx[e];
-        if (!(ke > tkey || (ke == tkey && ie <= tidx))) continue;
+      const uint64_t tc = thr_c;
+      // 6. Write the kept entries (rank >= threshold) ascending: position = kept entries of
+      // lower index, again by ballots.
+      unsigned kept_idx[CSLOTS];
+#pragma unroll
+      for (int sl = 0; sl < CSLOTS; ++sl)
+        kept_idx[sl] = mc[sl] >= tc ? ~(unsigned)mc[sl] : 0xffffffffu;  // index, or none
+      for (unsigned e = warp; e < C; e += NWARPS) {
+        const uint64_t ce = ccomp[e];
+        if (ce < tc) continue;  // warp-uniform
+        const unsigned ie = ~(unsigned)ce;
         unsigned p = 0u;
-        for (unsigned j = 0; j < C; ++j) {
-          const unsigned kjj = mag_key(cval[j]);
-          const int ij = cidx[j];
-          p += ij < ie && (kjj > tkey || (kjj == tkey && ij <= tidx));
+#pragma unroll
+        for (int sl = 0; sl < CSLOTS; ++sl) p += __popc(__ballot_sync(FULL, kept_idx[sl] < ie));
+        if (lane == 0) {
+          const __nv_bfloat16 bv = __float2bfloat16_rn(cval[e]);
+          gi[p] = (int16_t)ie;
+          gv[p] = bv;
+          if (si) { si[p] = (int16_t)ie; sv[p] = bv; }
         }
-        const __nv_bfloat16 bv = __float2bfloat16_rn(cval[e]);
-        gi[p] = (int16_t)ie;
-        gv[p] = bv;
-        if (si) { si[p] = (int16_t)ie; sv[p] = bv; }
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const unsigned kk = mag_key(av[h][j]);
-          const int i = 8 * (tid + h * THREADS) + j;
-          if (kk >= lo && (kk > tkey || (kk == tkey && i <= tidx))) av[h][j] = 0.0f;
+          if (mag_key(av[h][j]) >= lo && cand_rank(av[h][j], 8 * (tid + h * THREADS) + j) >= tc) av[h][j] = 0.0f;
         }
     } else {
       // General path: a through shared memory (topk.cuh), then back into registers.
