@@ -57,11 +57,9 @@ struct StepArgs {
   int win_smem;           // set by launch_step: the block's window rows are staged in shared memory
 };
 
-// Dynamic shared memory of the compress/update kernel that these sizes select, and whether the window rows of a
+// Dynamic shared memory of the compress/update kernel, and whether the window rows of a
 // top-k block (m * k_block entries) are staged in it.
-int64_t pass1_smem_bytes(int topk_block, int quant_block, int m, int k_block);
-// Whether pass 1 runs the register kernel (a held in registers) for these block sizes.
-bool reg_kernel_fits(int topk_block, int quant_block, int m);
+int64_t pass1_smem_bytes(int topk_block, int m, int k_block);
 bool window_in_smem(int m, int k_block);
 
 // Whether a tensor of n elements can requantize its EF inside the top-k kernel (one pass):

@@ -73,7 +73,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("step", &step, "Enqueue one MicroAdam step for every tensor of a launch table");
   mod.def("one_pass", &microadam::one_pass, "Whether a tensor's EF is requantized in the top-k kernel");
   mod.def("pass1_smem_bytes", &microadam::pass1_smem_bytes, "Dynamic shared memory of the top-k kernel");
-  mod.def("reg_kernel_fits", &microadam::reg_kernel_fits, "Whether pass 1 runs the register kernel for these sizes");
   mod.attr("REC") = static_cast<int>(microadam::REC);
   mod.attr("CHUNK2") = microadam::CHUNK2;
 }

@@ -21,12 +21,6 @@
 #ifndef MICROADAM_MIN_BLOCKS
 #define MICROADAM_MIN_BLOCKS 5  // __launch_bounds__ of the top-k kernel: resident blocks per SM (caps registers)
 #endif
-#ifndef MICROADAM_REG_KERNEL
-#define MICROADAM_REG_KERNEL 1  // 0: the shared-memory kernel for every layout
-#endif
-#ifndef MICROADAM_REG_MIN_BLOCKS
-#define MICROADAM_REG_MIN_BLOCKS 4  // __launch_bounds__ of the register kernel
-#endif
 #ifndef MICROADAM_ROW_MOMENTS
 #define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
 #endif
@@ -87,140 +81,6 @@ __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w,
     *reinterpret_cast<unsigned*>(ef + (g0 >> 1)) = w;
   } else {
     for (int b = 0; 2 * b < valid; ++b) ef[(g0 >> 1) + b] = (uint8_t)(w >> (8 * b));
-  }
-}
-
-// 6. Moments and update of one top-k block, after its window row of this step is written
-// (to global memory and, when staged, to sidx/sval). Rows are added in order r = 0..m-1
-// from 0, as the reference's index_add_ on the CPU does. Without weight decay only the
-// window's positions are read and written; with it (A.dense), a sweep decays the others.
-// `a` is free shared memory: S words for the mask path, SA floats for the row path;
-// `owners` holds OWN_CAP int16. All threads call it; it ends behind a barrier.
-template <typename P>
-__device__ __forceinline__ void moments_update(const StepArgs& A, const Rec& R, P* param, int64_t base, int L,
-                                               int kj, int row, int64_t col0, const int16_t* sidx,
-                                               const __nv_bfloat16* sval, float* a, int S, int SA,
-                                               int16_t* owners, unsigned* bcast, bool use_mask) {
-  const int tid = threadIdx.x, m = A.m, KB = A.k_block;
-
-  const int16_t* wi0 = A.win_smem ? sidx : R.win_idx + col0;
-  const __nv_bfloat16* wv0 = A.win_smem ? sval : R.win_val + col0;
-  const int64_t rs = A.win_smem ? KB : R.k_total;
-  const float z = __fmul_rn(A.lr, __fdiv_rn(0.0f, __fadd_rn(0.0f, A.eps)));  // lr*(0/(sqrt(0)+eps))
-  const bool vec_p = (base % 8 == 0) && aligned16(param + base);
-  // Param i of the block from its sums: m_hat = s1 * c1, v_hat = s2 * c2.
-  auto update = [&](int i, float s1, float s2) {
-    const float mh = __fmul_rn(s1, R.c1), vh = __fmul_rn(s2, R.c2);
-    float pv = to_f(param[base + i]);
-    if (A.has_decay) pv = __fmul_rn(pv, A.decay);
-    const float u = __fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), A.eps));
-    param[base + i] = from_f<P>(__fsub_rn(pv, __fmul_rn(A.lr, u)));
-  };
-  // Positions c0..c1-1 in no window row (in_window(p) false, p counted from c0):
-  // m_hat = v_hat = 0, so theta*decay - lr*(0/(0+eps)); 8 at a time where none is in it.
-  auto sweep = [&](int c0, int c1, auto in_window) {
-    for (int u = tid; u < (c1 - c0 + 7) / 8; u += THREADS) {
-      const int i0 = 8 * u, valid = min(8, c1 - c0 - i0);
-      bool none = valid == 8;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) none = none && !in_window(i0 + j);
-      if (vec_p && none) {
-        float v[8];
-        load8(param + base + c0 + i0, v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = __fsub_rn(A.has_decay ? __fmul_rn(v[j], A.decay) : v[j], z);
-        store8(param + base + c0 + i0, v);
-      } else {
-        for (int j = 0; j < valid; ++j) {
-          if (in_window(i0 + j)) continue;
-          float pv = to_f(param[base + c0 + i0 + j]);
-          if (A.has_decay) pv = __fmul_rn(pv, A.decay);
-          param[base + c0 + i0 + j] = from_f<P>(__fsub_rn(pv, z));
-        }
-      }
-    }
-  };
-  if (use_mask) {
-    // Bit r of mask[i]: position i is in window row r. The entry of a position in its
-    // lowest row owns it: it sums the position's rows in order (finding each by binary
-    // search in its sorted row) and updates the param. Three barriers whatever m is.
-    unsigned* mask = reinterpret_cast<unsigned*>(a);  // S >= L words, free now
-    for (int i = 4 * tid; i < S; i += 4 * THREADS) *reinterpret_cast<uint4*>(mask + i) = make_uint4(0u, 0u, 0u, 0u);
-    __syncthreads();
-    const int ne = m * kj;
-    for (int e = tid; e < ne; e += THREADS) {
-      const int r = e / kj, c = e - r * kj;
-      const int idx = wi0[r * rs + c];
-      if ((unsigned)idx < (unsigned)L) atomicOr(&mask[idx], 1u << r);
-    }
-    __syncthreads();
-    for (int e = tid; e < ne; e += THREADS) {
-      const int r = e / kj, c = e - r * kj;
-      const int16_t* ri = wi0 + r * rs;
-      const int idx = ri[c];
-      // A repeated index in one row only occurs in a row never written (all zero).
-      if ((unsigned)idx >= (unsigned)L || (c > 0 && ri[c - 1] == idx)) continue;
-      unsigned bits = mask[idx];
-      if (__ffs(bits) - 1 != r) continue;
-      float s1 = 0.0f, s2 = 0.0f;
-      for (; bits; bits &= bits - 1) {
-        const int rr = __ffs(bits) - 1;
-        const int cc = rr == r ? c : lower_bound16(wi0 + rr * rs, kj, idx);
-        const float v = __bfloat162float(wv0[rr * rs + cc]);
-        const int age = row >= rr ? row - rr : row - rr + m;
-        s1 = __fadd_rn(s1, __fmul_rn(A.betapow[age], v));
-        s2 = __fadd_rn(s2, __fmul_rn(A.betapow[m + age], __fmul_rn(v, v)));
-      }
-      update(idx, s1, s2);
-    }
-    if (A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
-    __syncthreads();
-  } else {
-    // Row by row (m > 32), over chunks of the block whose two sums fit in a; acc2 < 0
-    // marks a position in no row. The first entry of a position lists it as an owner,
-    // which then updates that param.
-    const int CH = SA / 2;
-    float* acc1 = a;
-    float* acc2 = a + CH;
-    for (int c0 = 0; c0 < L; c0 += CH) {
-      const int c1 = min(L, c0 + CH);
-      // CH is a multiple of 8 and a is 16-byte aligned: whole float4 stores.
-      for (int i = 4 * tid; i < CH; i += 4 * THREADS) {
-        *reinterpret_cast<float4*>(acc1 + i) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        *reinterpret_cast<float4*>(acc2 + i) = make_float4(-1.0f, -1.0f, -1.0f, -1.0f);
-      }
-      if (tid == 0) bcast[3] = 0u;
-      __syncthreads();
-      for (int r = 0; r < m; ++r) {
-        const int age = row >= r ? row - r : row - r + m;
-        const float b1 = A.betapow[age], b2 = A.betapow[m + age];
-        const int16_t* ri = wi0 + r * rs;
-        const __nv_bfloat16* rv = wv0 + r * rs;
-        for (int c = tid; c < kj; c += THREADS) {
-          const int idx = ri[c];
-          if (idx < c0 || idx >= c1 || (c > 0 && ri[c - 1] == idx)) continue;
-          const float v = __bfloat162float(rv[c]);
-          const float t1 = __fmul_rn(b1, v), t2 = __fmul_rn(b2, __fmul_rn(v, v));
-          const int p = idx - c0;
-          const bool first = acc2[p] < 0.0f;
-          acc1[p] = __fadd_rn(first ? 0.0f : acc1[p], t1);
-          acc2[p] = __fadd_rn(first ? 0.0f : acc2[p], t2);
-          if (first) {
-            const unsigned slot = atomicAdd(&bcast[3], 1u);
-            if (slot < OWN_CAP) owners[slot] = (int16_t)p;
-          }
-        }
-        __syncthreads();
-      }
-      const unsigned nown = bcast[3];
-      if (nown <= OWN_CAP) {
-        for (int o = tid; o < (int)nown; o += THREADS) update(c0 + owners[o], acc1[owners[o]], acc2[owners[o]]);
-      } else {
-        for (int p = tid; p < c1 - c0; p += THREADS) if (acc2[p] >= 0.0f) update(c0 + p, acc1[p], acc2[p]);
-      }
-      if (A.dense) sweep(c0, c1, [&](int p) { return acc2[p] >= 0.0f; });
-      __syncthreads();
-    }
   }
 }
 
@@ -441,402 +301,128 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     }
     __syncthreads();
 
-    moments_update<P>(A, R, param, base, L, kj, row, col0, sidx, sval, a, S, SA, owners, bcast, use_mask);
-    __syncthreads();  // R and shared memory are reused by the next virtual block
-  }
-}
-
-// -- pass 1, register variant ---------------------------------------------------------
-// The same step for the common layouts (reg_kernel_fits): top-k blocks of at most
-// 2 * THREADS * 8 = 4096 elements, m <= MASK_MAX_M, quant blocks that nest as powers of two
-// or span the top-k block. Thread t holds units t and t + THREADS of a in registers, so the
-// top-k, the zeroing, the min/max and the requantization read no shared memory:
-//   * the threshold is searched by counting, in registers, the keys above four rungs at
-//     once: first around last step's k-th largest |a| (the smallest magnitude in the
-//     block's previous window row) or, without one, below the block's largest |a|; then,
-//     while more than RANK_CAP keys lie above the best rung, four rungs between it and the
-//     next one up, placed by regula falsi on the counts (REG_ROUNDS rounds in all);
-//   * the keys above the chosen rung (k <= C <= RANK_CAP) are listed and ranked against each
-//     other by (|a| descending, index ascending) with warp ballots: exact, ties to the lower
-//     index;
-//   * blocks where no round isolates a rung (exact ties, sparse blocks) store a to shared
-//     memory and take the general top-k of topk.cuh, then reload it.
-#ifndef MICROADAM_RANK_CAP
-#define MICROADAM_RANK_CAP 128
-#endif
-#ifndef MICROADAM_REG_ROUNDS
-#define MICROADAM_REG_ROUNDS 4
-#endif
-constexpr int RANK_CAP = MICROADAM_RANK_CAP;  // candidates ranked pairwise (C^2 / 32 warp steps), <= 1024
-constexpr int REG_ROUNDS = MICROADAM_REG_ROUNDS;  // counting rounds before the general path
-constexpr int CSLOTS = RANK_CAP / 32;  // candidates per lane while ranking
-static_assert(RANK_CAP % 32 == 0 && 3 * RANK_CAP <= HIST_BINS, "the candidate list lives in the histogram");
-
-// Rank key of a candidate: larger is kept first (|a| descending, then the lower index).
-__device__ __forceinline__ uint64_t cand_rank(float v, int i) {
-  return ((uint64_t)mag_key(v) << 32) | (uint64_t)(~(unsigned)i);
-}
-
-__device__ __forceinline__ unsigned warp_sum(unsigned v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
-  return v;
-}
-
-// Min and max over each run of SEG lanes (SEG a power of two <= 32).
-template <int SEG>
-__device__ __forceinline__ void seg_minmax(float& mn, float& mx) {
-#pragma unroll
-  for (int o = 1; o < SEG; o <<= 1) {
-    mn = fminf(mn, __shfl_xor_sync(FULL, mn, o));
-    mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));
-  }
-}
-
-// Codes of one unit (8 elements from local index i0) with its quant block q's new range;
-// the writer also stores the range.
-__device__ __forceinline__ void quantize_unit(const StepArgs& A, const Rec& R, const float (&v)[8], int valid,
-                                              int64_t base, int i0, int64_t q, float mn, float mx, bool writer,
-                                              bool vec_out) {
-  const float sc = ef_scale(mn, mx), inv = __frcp_rn(sc);
-  if (writer) { R.ef_min[q] = mn; R.ef_max[q] = mx; }
-  unsigned w = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    if (j < valid) w |= quant_code_fast(v[j], mn, sc, inv, A.stochastic, R.step, base + i0 + j) << (4 * j);
-  }
-  store_codes(R.ef, base + i0, w, valid, vec_out);
-}
-
-template <typename P, typename G>
-__global__ void __launch_bounds__(THREADS, MICROADAM_REG_MIN_BLOCKS) compress_update_reg_kernel(StepArgs A) {
-  extern __shared__ float4 smem_raw[];
-  const int B = A.topk_block, Q = A.quant_block, m = A.m, KB = A.k_block;
-  const int S = (B + 15) & ~15;
-  float* a = reinterpret_cast<float*>(smem_raw);  // general path's a, then the moments' mask
-  unsigned* hist = reinterpret_cast<unsigned*>(a + S);
-  uint64_t* ccomp = reinterpret_cast<uint64_t*>(hist);  // candidates: rank keys, values (RANK_CAP each)
-  float* cval = reinterpret_cast<float*>(hist + 2 * RANK_CAP);
-  int16_t* sidx = A.win_smem ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
-  __nv_bfloat16* sval = A.win_smem ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
-  __shared__ Rec R;
-  __shared__ unsigned sw[NWARPS];
-  __shared__ unsigned wcount[2 * NWARPS];
-  __shared__ unsigned bcast[4];
-  __shared__ unsigned wcnt[REG_ROUNDS][NWARPS][2];  // per warp: rung counts, 16 bits each
-  __shared__ unsigned wkmax[NWARPS];
-  __shared__ unsigned tau_key;
-  __shared__ uint64_t thr_c;
-  __shared__ float pmn[2 * NWARPS], pmx[2 * NWARPS];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-
-  for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
-    if (tid == 0) find_record(A.table, A.ntensors, vb, R);
-    __syncthreads();
-    P* param = reinterpret_cast<P*>(R.param);
-    const G* grad = reinterpret_cast<const G*>(R.grad);
-    const int64_t jb = vb - R.start;
-    const int64_t base = jb * B;
-    const int L = (int)min((int64_t)B, R.n - base);
-    const int kj = (jb == (R.n + B - 1) / B - 1) ? R.k_last : KB;
-    const int64_t col0 = jb * KB;
-    const int row = (int)((R.step - 1) % m);
-    const bool onepass = R.ws < 0;
-    const int64_t q0 = base / Q;
-    const unsigned r0 = (unsigned)(base - q0 * Q);
-    const int nunits = (L + 7) / 8;
-
-    // 1. Stage the earlier window rows; warp 0 reads last step's k-th largest |a| (the
-    // smallest magnitude of the previous row; 0: none).
-    if (A.win_smem) {
-      for (int e = tid; e < m * kj; e += THREADS) {
-        const int r = e / kj, c = e - r * kj;
-        if (r != row) {
-          sidx[r * KB + c] = R.win_idx[(int64_t)r * R.k_total + col0 + c];
-          sval[r * KB + c] = R.win_val[(int64_t)r * R.k_total + col0 + c];
-        }
-      }
-    }
-    if (warp == 0) {
-      unsigned tk = 0xffffffffu;
-      if (R.step > 1) {
-        const __nv_bfloat16* pv = R.win_val + (int64_t)((row + m - 1) % m) * R.k_total + col0;
-        for (int c = lane; c < kj; c += 32) tk = min(tk, mag_key(__bfloat162float(pv[c])));
-      }
-#pragma unroll
-      for (int o = 16; o; o >>= 1) tk = min(tk, __shfl_xor_sync(FULL, tk, o));
-      if (lane == 0) tau_key = tk == 0xffffffffu ? 0u : tk;
-    }
-
-    // 2. a = g + Q^-1(EF) with the ranges of the previous step, into registers; the
-    // block's largest key. Missing elements hold 0 and key 0 (never a candidate).
-    const bool vec_in = (base % 8 == 0) && aligned16(grad + base) &&
-                        (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
-    float av[2][8];
-    unsigned kmax = 0u;
-    {
-      float g[2][8];
-      unsigned codes[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int u = tid + h * THREADS;
-        if (u < nunits) load_unit(grad, R.ef, base + 8 * u, min(8, L - 8 * u), vec_in, g[h], codes[h]);
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int u = tid + h * THREADS;
-        const int valid = u < nunits ? min(8, L - 8 * u) : 0;
-        if (valid > 0) dequant_unit(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, av[h]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (j >= valid) av[h][j] = 0.0f;
-          kmax = max(kmax, mag_key(av[h][j]));
-        }
-      }
-    }
-#pragma unroll
-    for (int o = 16; o; o >>= 1) kmax = max(kmax, __shfl_xor_sync(FULL, kmax, o));
-    if (lane == 0) wkmax[warp] = kmax;
-    __syncthreads();
-    for (int w = 0; w < NWARPS; ++w) kmax = max(kmax, wkmax[w]);
-
-    // 3. Threshold search by counting rungs in registers (block-uniform decisions).
-    unsigned K[4];
-    {
-      const unsigned tk = tau_key;
-      if (tk != 0u && tk <= kmax) {
-        const float tau = __uint_as_float(tk);
-        K[0] = tk; K[1] = mag_key(tau * 0.9f); K[2] = mag_key(tau * 0.75f); K[3] = mag_key(tau * 0.5f);
-      } else {
-        const float bmax = __uint_as_float(kmax);
-        K[0] = mag_key(bmax * 0.75f); K[1] = mag_key(bmax * 0.55f); K[2] = mag_key(bmax * 0.4f);
-        K[3] = mag_key(bmax * 0.28f);
-      }
-    }
-    // lo: the largest rung key known to hold >= kj keys (0: all), hi: the smallest holding
-    // fewer; nlo, nhi their counts.
-    unsigned lo = 0u, hi = kmax + 1u, nlo = (unsigned)L, nhi = 0u;
-    int lo_round = -1, lo_rung = 0;
-    bool found = false;
-    for (int rd = 0; rd < REG_ROUNDS; ++rd) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) K[i] = max(K[i], 1u);
-      unsigned c01 = 0u, c23 = 0u;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const unsigned kk = mag_key(av[h][j]);
-          c01 += (unsigned)(kk >= K[0]) | ((unsigned)(kk >= K[1]) << 16);
-          c23 += (unsigned)(kk >= K[2]) | ((unsigned)(kk >= K[3]) << 16);
-        }
-      }
-      c01 = warp_sum(c01);
-      c23 = warp_sum(c23);
-      if (lane == 0) { wcnt[rd][warp][0] = c01; wcnt[rd][warp][1] = c23; }
-      __syncthreads();
-      unsigned n01 = 0u, n23 = 0u;
-      for (int w = 0; w < NWARPS; ++w) { n01 += wcnt[rd][w][0]; n23 += wcnt[rd][w][1]; }
-      const unsigned N[4] = {n01 & 0xffffu, n01 >> 16, n23 & 0xffffu, n23 >> 16};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (N[i] >= (unsigned)kj) {
-          if (K[i] > lo || lo_round < 0) { lo = K[i]; nlo = N[i]; lo_round = rd; lo_rung = i; }
-        } else if (K[i] < hi) {
-          hi = K[i];
-          nhi = N[i];
-        }
-      }
-      if (lo_round >= 0 && nlo <= (unsigned)RANK_CAP) { found = true; break; }
-      if (hi - lo < 2u) break;  // one key value holds too many: exact ties
-      // Regula falsi in key space: the count falls from nlo at lo to nhi at hi; the next four
-      // rungs bracket the key where a straight line between them crosses the middle of
-      // [kj, RANK_CAP], two on each side.
-      const float target = 0.5f * (float)(kj + RANK_CAP);
-      const float p = fminf(fmaxf(((float)nlo - target) / (float)(nlo - nhi), 0.02f), 0.98f);
-      const float f[4] = {p + 0.5f * (1.0f - p), p + 0.15f * (1.0f - p), 0.85f * p, 0.5f * p};
-      const float span = (float)(hi - lo);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) K[i] = min(hi - 1u, max(lo + 1u, lo + (unsigned)(span * f[i])));
-    }
-
-    int16_t* gi = R.win_idx + (int64_t)row * R.k_total + col0;
-    __nv_bfloat16* gv = R.win_val + (int64_t)row * R.k_total + col0;
-    int16_t* si = A.win_smem ? sidx + row * KB : nullptr;
-    __nv_bfloat16* sv = A.win_smem ? sval + row * KB : nullptr;
-    if (found) {
-      // 4. List the C keys >= lo as 64-bit ranks, (key << 32) | ~index: larger is kept first
-      // (ties to the lower index). Warp base from the per-warp counts, then lanes in order.
-      const unsigned C = nlo;
-      unsigned mine = 0u;
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) mine += mag_key(av[h][j]) >= lo;
-      unsigned incl = mine;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const unsigned y = __shfl_up_sync(FULL, incl, o);
-        if (lane >= o) incl += y;
-      }
-      unsigned pos = incl - mine;
-      for (int w = 0; w < warp; ++w) pos += (wcnt[lo_round][w][lo_rung >> 1] >> (16 * (lo_rung & 1))) & 0xffffu;
-      if (mine) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (mag_key(av[h][j]) >= lo) {
-              ccomp[pos] = cand_rank(av[h][j], 8 * (tid + h * THREADS) + j);
-              cval[pos] = av[h][j];
-              ++pos;
-            }
-          }
-      }
-      __syncthreads();
-      // 5. Each lane holds candidates lane + 32 s; a warp ranks its candidates (e = warp,
-      // warp + NWARPS, ...) by ballots over them: rank = candidates ranked higher. Rank kj-1
-      // is the threshold.
-      uint64_t mc[CSLOTS];
-#pragma unroll
-      for (int sl = 0; sl < CSLOTS; ++sl) {
-        const unsigned j = (unsigned)(lane + 32 * sl);
-        mc[sl] = j < C ? ccomp[j] : 0ull;  // 0 ranks below every candidate (keys >= 1)
-      }
-      for (unsigned e = warp; e < C; e += NWARPS) {
-        const uint64_t ce = ccomp[e];
-        unsigned rank = 0u;
-#pragma unroll
-        for (int sl = 0; sl < CSLOTS; ++sl) rank += __popc(__ballot_sync(FULL, mc[sl] > ce));
-        if (lane == 0 && rank == (unsigned)kj - 1u) thr_c = ce;
-      }
-      __syncthreads();
-      const uint64_t tc = thr_c;
-      // 6. Write the kept entries (rank >= threshold) ascending: position = kept entries of
-      // lower index, again by ballots.
-      unsigned kept_idx[CSLOTS];
-#pragma unroll
-      for (int sl = 0; sl < CSLOTS; ++sl)
-        kept_idx[sl] = mc[sl] >= tc ? ~(unsigned)mc[sl] : 0xffffffffu;  // index, or none
-      for (unsigned e = warp; e < C; e += NWARPS) {
-        const uint64_t ce = ccomp[e];
-        if (ce < tc) continue;  // warp-uniform
-        const unsigned ie = ~(unsigned)ce;
-        unsigned p = 0u;
-#pragma unroll
-        for (int sl = 0; sl < CSLOTS; ++sl) p += __popc(__ballot_sync(FULL, kept_idx[sl] < ie));
-        if (lane == 0) {
-          const __nv_bfloat16 bv = __float2bfloat16_rn(cval[e]);
-          gi[p] = (int16_t)ie;
-          gv[p] = bv;
-          if (si) { si[p] = (int16_t)ie; sv[p] = bv; }
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (mag_key(av[h][j]) >= lo && cand_rank(av[h][j], 8 * (tid + h * THREADS) + j) >= tc) av[h][j] = 0.0f;
-        }
-    } else {
-      // General path: a through shared memory (topk.cuh), then back into registers.
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int u = tid + h * THREADS;
-        if (u < nunits) store_unit(a + 8 * u, av[h], min(8, L - 8 * u));
-      }
-      const uint2 t = topk_threshold(a, L, kj, hist, sw, bcast, false);
-      topk_write(a, L, t.x, t.y, gi, gv, si, sv, wcount);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int u = tid + h * THREADS;
-        if (u < nunits) load_unit_smem(a + 8 * u, av[h], min(8, L - 8 * u));
-      }
-      __syncthreads();  // a becomes the moments' mask
-    }
-
-    // 7. New EF ranges per quant block (after zeroing) and requantization, from registers.
-    const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
-    auto quantize = [&](int h, float mn, float mx, bool writer) {
-      const int u = tid + h * THREADS;
-      const int valid = u < nunits ? min(8, L - 8 * u) : 0;
-      if (valid > 0) quantize_unit(A, R, av[h], valid, base, 8 * u, q0 + (8 * u) / Q, mn, mx, writer, vec_out);
+    // 6. Moments and update. Rows are added in order r = 0..m-1 from 0, as the reference's
+    // index_add_ on the CPU does. Without weight decay only the window's positions are
+    // read and written; with it (A.dense), a sweep decays the others.
+    const int16_t* wi0 = A.win_smem ? sidx : R.win_idx + col0;
+    const __nv_bfloat16* wv0 = A.win_smem ? sval : R.win_val + col0;
+    const int64_t rs = A.win_smem ? KB : R.k_total;
+    const float z = __fmul_rn(A.lr, __fdiv_rn(0.0f, __fadd_rn(0.0f, A.eps)));  // lr*(0/(sqrt(0)+eps))
+    const bool vec_p = (base % 8 == 0) && aligned16(param + base);
+    // Param i of the block from its sums: m_hat = s1 * c1, v_hat = s2 * c2.
+    auto update = [&](int i, float s1, float s2) {
+      const float mh = __fmul_rn(s1, R.c1), vh = __fmul_rn(s2, R.c2);
+      float pv = to_f(param[base + i]);
+      if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+      const float u = __fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), A.eps));
+      param[base + i] = from_f<P>(__fsub_rn(pv, __fmul_rn(A.lr, u)));
     };
-    float umn[2], umx[2];
+    // Positions c0..c1-1 in no window row (in_window(p) false, p counted from c0):
+    // m_hat = v_hat = 0, so theta*decay - lr*(0/(0+eps)); 8 at a time where none is in it.
+    auto sweep = [&](int c0, int c1, auto in_window) {
+      for (int u = tid; u < (c1 - c0 + 7) / 8; u += THREADS) {
+        const int i0 = 8 * u, valid = min(8, c1 - c0 - i0);
+        bool none = valid == 8;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int u = tid + h * THREADS;
-      const int valid = u < nunits ? min(8, L - 8 * u) : 0;
-      umn[h] = INFINITY;
-      umx[h] = -INFINITY;
+        for (int j = 0; j < 8; ++j) none = none && !in_window(i0 + j);
+        if (vec_p && none) {
+          float v[8];
+          load8(param + base + c0 + i0, v);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (j < valid) { umn[h] = fminf(umn[h], av[h][j]); umx[h] = fmaxf(umx[h], av[h][j]); }
-      }
-    }
-    if (!onepass) {
-      // The block's (at most two) quant blocks also span other top-k blocks: fold into the
-      // workspace; pass 2 requantizes.
-      const int nql = (int)((r0 + (unsigned)L - 1u) / (unsigned)Q) + 1;
-      for (int ql = 0; ql < nql; ++ql) {
-        float mn = INFINITY, mx = -INFINITY;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int u = tid + h * THREADS;
-          const int valid = u < nunits ? min(8, L - 8 * u) : 0;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (j < valid && (int)((r0 + (unsigned)(8 * u + j)) / (unsigned)Q) == ql) {
-              mn = fminf(mn, av[h][j]);
-              mx = fmaxf(mx, av[h][j]);
-            }
+          for (int j = 0; j < 8; ++j) v[j] = __fsub_rn(A.has_decay ? __fmul_rn(v[j], A.decay) : v[j], z);
+          store8(param + base + c0 + i0, v);
+        } else {
+          for (int j = 0; j < valid; ++j) {
+            if (in_window(i0 + j)) continue;
+            float pv = to_f(param[base + c0 + i0 + j]);
+            if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+            param[base + c0 + i0 + j] = from_f<P>(__fsub_rn(pv, z));
           }
         }
-        mn = warp_min(mn);
-        mx = warp_max(mx);
-        if (lane == 0 && mn <= mx) {
-          atomic_min_f(A.ws + R.ws + q0 + ql, mn);
-          atomic_max_f(A.ws + A.ws_half + R.ws + q0 + ql, mx);
-        }
       }
-    } else if (Q <= 256 && (Q & (Q - 1)) == 0) {
-      // Q / 8 consecutive lanes hold one quant block.
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mn = umn[h], mx = umx[h];
-        switch (Q) {
-          case 8: break;
-          case 16: seg_minmax<2>(mn, mx); break;
-          case 32: seg_minmax<4>(mn, mx); break;
-          case 64: seg_minmax<8>(mn, mx); break;
-          case 128: seg_minmax<16>(mn, mx); break;
-          default: seg_minmax<32>(mn, mx); break;
-        }
-        quantize(h, mn, mx, (tid % (Q / 8)) == 0);
-      }
-    } else {
-      // A quant block spans whole warps (Q a power of two >= 256), or the tensor is one
-      // top-k block inside one quant block.
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float mn = warp_min(umn[h]), mx = warp_max(umx[h]);
-        if (lane == 0) { pmn[h * NWARPS + warp] = mn; pmx[h * NWARPS + warp] = mx; }
+    };
+    if (use_mask) {
+      // Bit r of mask[i]: position i is in window row r. The entry of a position in its
+      // lowest row owns it: it sums the position's rows in order (finding each by binary
+      // search in its sorted row) and updates the param. Three barriers whatever m is.
+      unsigned* mask = reinterpret_cast<unsigned*>(a);  // S >= L words, free now
+      for (int i = 4 * tid; i < S; i += 4 * THREADS) *reinterpret_cast<uint4*>(mask + i) = make_uint4(0u, 0u, 0u, 0u);
+      __syncthreads();
+      const int ne = m * kj;
+      for (int e = tid; e < ne; e += THREADS) {
+        const int r = e / kj, c = e - r * kj;
+        const int idx = wi0[r * rs + c];
+        if ((unsigned)idx < (unsigned)L) atomicOr(&mask[idx], 1u << r);
       }
       __syncthreads();
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int u = tid + h * THREADS;
-        const int ql = (8 * u) / Q;
-        float mn = INFINITY, mx = -INFINITY;
-        for (int p = 0; p < 2 * NWARPS; ++p) {
-          if ((8 * 32 * p) / Q == ql) { mn = fminf(mn, pmn[p]); mx = fmaxf(mx, pmx[p]); }
+      for (int e = tid; e < ne; e += THREADS) {
+        const int r = e / kj, c = e - r * kj;
+        const int16_t* ri = wi0 + r * rs;
+        const int idx = ri[c];
+        // A repeated index in one row only occurs in a row never written (all zero).
+        if ((unsigned)idx >= (unsigned)L || (c > 0 && ri[c - 1] == idx)) continue;
+        unsigned bits = mask[idx];
+        if (__ffs(bits) - 1 != r) continue;
+        float s1 = 0.0f, s2 = 0.0f;
+        for (; bits; bits &= bits - 1) {
+          const int rr = __ffs(bits) - 1;
+          const int cc = rr == r ? c : lower_bound16(wi0 + rr * rs, kj, idx);
+          const float v = __bfloat162float(wv0[rr * rs + cc]);
+          const int age = row >= rr ? row - rr : row - rr + m;
+          s1 = __fadd_rn(s1, __fmul_rn(A.betapow[age], v));
+          s2 = __fadd_rn(s2, __fmul_rn(A.betapow[m + age], __fmul_rn(v, v)));
         }
-        quantize(h, mn, mx, (8 * u) % Q == 0);
+        update(idx, s1, s2);
+      }
+      if (A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
+      __syncthreads();
+    } else {
+      // Row by row (m > 32), over chunks of the block whose two sums fit in a; acc2 < 0
+      // marks a position in no row. The first entry of a position lists it as an owner,
+      // which then updates that param.
+      const int CH = SA / 2;
+      float* acc1 = a;
+      float* acc2 = a + CH;
+      for (int c0 = 0; c0 < L; c0 += CH) {
+        const int c1 = min(L, c0 + CH);
+        // CH is a multiple of 8 and a is 16-byte aligned: whole float4 stores.
+        for (int i = 4 * tid; i < CH; i += 4 * THREADS) {
+          *reinterpret_cast<float4*>(acc1 + i) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          *reinterpret_cast<float4*>(acc2 + i) = make_float4(-1.0f, -1.0f, -1.0f, -1.0f);
+        }
+        if (tid == 0) bcast[3] = 0u;
+        __syncthreads();
+        for (int r = 0; r < m; ++r) {
+          const int age = row >= r ? row - r : row - r + m;
+          const float b1 = A.betapow[age], b2 = A.betapow[m + age];
+          const int16_t* ri = wi0 + r * rs;
+          const __nv_bfloat16* rv = wv0 + r * rs;
+          for (int c = tid; c < kj; c += THREADS) {
+            const int idx = ri[c];
+            if (idx < c0 || idx >= c1 || (c > 0 && ri[c - 1] == idx)) continue;
+            const float v = __bfloat162float(rv[c]);
+            const float t1 = __fmul_rn(b1, v), t2 = __fmul_rn(b2, __fmul_rn(v, v));
+            const int p = idx - c0;
+            const bool first = acc2[p] < 0.0f;
+            acc1[p] = __fadd_rn(first ? 0.0f : acc1[p], t1);
+            acc2[p] = __fadd_rn(first ? 0.0f : acc2[p], t2);
+            if (first) {
+              const unsigned slot = atomicAdd(&bcast[3], 1u);
+              if (slot < OWN_CAP) owners[slot] = (int16_t)p;
+            }
+          }
+          __syncthreads();
+        }
+        const unsigned nown = bcast[3];
+        if (nown <= OWN_CAP) {
+          for (int o = tid; o < (int)nown; o += THREADS) update(c0 + owners[o], acc1[owners[o]], acc2[owners[o]]);
+        } else {
+          for (int p = tid; p < c1 - c0; p += THREADS) if (acc2[p] >= 0.0f) update(c0 + p, acc1[p], acc2[p]);
+        }
+        if (A.dense) sweep(c0, c1, [&](int p) { return acc2[p] >= 0.0f; });
+        __syncthreads();
       }
     }
-
-    // 8. Moments and update.
-    moments_update<P>(A, R, param, base, L, kj, row, col0, sidx, sval, a, S, S, nullptr, bcast, true);
     __syncthreads();  // R and shared memory are reused by the next virtual block
   }
 }
@@ -928,9 +514,8 @@ __global__ void commit_ranges_kernel(StepArgs A) {
 
 template <typename P, typename G>
 cudaError_t launch_pass1(const StepArgs& A, cudaStream_t s) {
-  const bool reg = reg_kernel_fits(A.topk_block, A.quant_block, A.m);
-  const int64_t smem = pass1_smem_bytes(A.topk_block, A.quant_block, A.m, A.k_block);
-  auto kernel = reg ? compress_update_reg_kernel<P, G> : compress_update_kernel<P, G>;
+  const int64_t smem = pass1_smem_bytes(A.topk_block, A.m, A.k_block);
+  auto kernel = compress_update_kernel<P, G>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
@@ -965,18 +550,10 @@ cudaError_t dispatch_grad(const StepArgs& A, cudaStream_t s) {
 
 bool window_in_smem(int m, int k_block) { return (int64_t)m * k_block * 4 <= WIN_SMEM_CAP; }
 
-bool reg_kernel_fits(int topk_block, int quant_block, int m) {
-  if (!MICROADAM_REG_KERNEL || MICROADAM_ROW_MOMENTS) return false;
-  const bool pow2 = quant_block >= 8 && (quant_block & (quant_block - 1)) == 0;
-  return topk_block <= 2 * THREADS * 8 && topk_block % 8 == 0 && m <= MASK_MAX_M &&
-         (pow2 || quant_block >= topk_block);
-}
-
-int64_t pass1_smem_bytes(int topk_block, int quant_block, int m, int k_block) {
+int64_t pass1_smem_bytes(int topk_block, int m, int k_block) {
   const int64_t win = window_in_smem(m, k_block) ? ((int64_t)m * k_block * 4 + 15) / 16 * 16 : 0;
   const int64_t S = (topk_block + 15) & ~15;
-  const bool two = topk_block <= ACC_DOUBLE_MAX && !reg_kernel_fits(topk_block, quant_block, m);
-  return (two ? 2 * S : S) * 4 + HIST_BINS * 4 + win;
+  return (topk_block <= ACC_DOUBLE_MAX ? 2 * S : S) * 4 + HIST_BINS * 4 + win;
 }
 
 bool one_pass(int64_t n, int topk_block, int quant_block) {
