@@ -76,9 +76,9 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default=None, help="file names: convergence_TAG.json/png (default: the size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deterministic", action="store_true",
-                    help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace: about "
-                         "25%% slower on an H100, and not enough for identical pre-trained weights across "
-                         "processes there (compare pretrained_checksum before comparing rows of two runs)")
+                    help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace; slower, "
+                         "and on an H100 not enough for identical pre-trained weights across processes "
+                         "(compare pretrained_checksum before comparing rows of two runs)")
     args = ap.parse_args(argv)
     if args.tiny:
         for k, v in TINY.items():  # flags given explicitly win over the --tiny preset
