@@ -79,6 +79,7 @@ def parse_args(argv=None):
                     help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace; slower, "
                          "and on an H100 not enough for identical pre-trained weights across processes "
                          "(compare pretrained_checksum before comparing rows of two runs)")
+    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:
         for k, v in TINY.items():  # flags given explicitly win over the --tiny preset
