@@ -41,7 +41,12 @@ def check_step(p, st_before, theta0, g, group, t, seed):
                            st_before["win_val"].to(torch.float64).numpy(), n, B, hp["density"])
         ost = oracle.OracleState(codes, st_before["ef_min"].double().numpy(),
                                  st_before["ef_max"].double().numpy(), rows, t - 1)
-    return oracle.step(theta0, g, ost, **hp)
+    # The package forms a = g + Q^-1(EF) in float32: its error follows the addends, which can
+    # be far larger than a itself when the gradient's scale drops and the EF cancels it.
+    addends = float(np.abs(g).max() + np.abs(oracle.dequantize(ost, n, Q)).max())
+    res = oracle.step(theta0, g, ost, **hp)
+    res.addends = addends
+    return res
 
 
 def compare(res, opt, p, group, t, seed, rounding="nearest"):
@@ -60,7 +65,7 @@ def compare(res, opt, p, group, t, seed, rounding="nearest"):
             blk = i // B
             s = blk * B
             thr = np.sort(np.abs(a[s:s + B]))[::-1][oracle.k_for(density, min(B, n - s)) - 1]
-            assert abs(abs(a[i]) - thr) <= 1e-6 * thr, f"top-k differs at {i} (seed {seed}, step {t})"
+            assert abs(abs(a[i]) - thr) <= 1e-6 * max(thr, res.addends), f"top-k differs at {i} (seed {seed}, step {t})"
     # ascending inside each block
     for s in range(0, n, B):
         in_blk = sel[(sel >= s) & (sel < s + B)]
@@ -71,8 +76,9 @@ def compare(res, opt, p, group, t, seed, rounding="nearest"):
     az = a.copy()
     az[sel] = 0.0
     codes, qmin, qmax, qpos = oracle.quantize(az, Q)
-    np.testing.assert_allclose(st["ef_min"].double().numpy(), qmin, rtol=1e-6, atol=1e-6 * np.abs(az).max())
-    np.testing.assert_allclose(st["ef_max"].double().numpy(), qmax, rtol=1e-6, atol=1e-6 * np.abs(az).max())
+    tol = 1e-6 * max(np.abs(az).max(), res.addends)
+    np.testing.assert_allclose(st["ef_min"].double().numpy(), qmin, rtol=1e-6, atol=tol)
+    np.testing.assert_allclose(st["ef_max"].double().numpy(), qmax, rtol=1e-6, atol=tol)
     got = oracle.unpack_nibbles(st["ef"].numpy(), n)
     frac = qpos - np.floor(qpos)
     if rounding == "nearest":
