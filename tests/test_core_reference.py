@@ -81,22 +81,26 @@ def compare(res, opt, p, group, t, seed, rounding="nearest"):
     np.testing.assert_allclose(st["ef_max"].double().numpy(), qmax, rtol=1e-6, atol=tol)
     got = oracle.unpack_nibbles(st["ef"].numpy(), n)
     frac = qpos - np.floor(qpos)
+    # A code may differ where qpos lies within the float32 error of a (in units of the scale).
+    a_err = 2.0 ** -22 * res.addends
+    scale_e = np.repeat((qmax - qmin) / 15.0, Q)[:n]
+    qtol = np.maximum(1e-3, a_err / np.where(scale_e > 0, scale_e, np.inf))
     if rounding == "nearest":
-        boundary = np.abs(frac - 0.5) < 1e-3
+        boundary = np.abs(frac - 0.5) < qtol
         assert np.array_equal(got[~boundary], codes[~boundary]), f"EF codes (seed {seed}, step {t})"
     else:
         xi = np.array([oracle.xi(t, i) for i in range(n)])
         expect = np.clip(np.floor(qpos + xi), 0, 15)
         scale_pos = np.repeat((qmax - qmin) / 15.0, Q)[:n] > 0
         expect = np.where(scale_pos, expect, 0)
-        boundary = np.abs((qpos + xi) - np.round(qpos + xi)) < 1e-3
+        boundary = np.abs((qpos + xi) - np.round(qpos + xi)) < qtol
         assert np.array_equal(got[~boundary], expect[~boundary]), f"EF codes (seed {seed}, step {t})"
     # EF error bound per element, measured on the package's own decoded EF
     lo = np.repeat(st["ef_min"].double().numpy(), Q)[:n]
     hi = np.repeat(st["ef_max"].double().numpy(), Q)[:n]
     deq = lo + got * (hi - lo) / 15.0
     bound = (hi - lo) / (30.0 if rounding == "nearest" else 15.0)
-    assert np.all(np.abs(deq - az) <= bound * (1 + 1e-5) + 1e-7 * np.abs(az).max()), f"EF error (seed {seed})"
+    assert np.all(np.abs(deq - az) <= bound * (1 + 1e-5) + 1e-7 * np.abs(az).max() + a_err), f"EF error (seed {seed})"
     return rows
 
 
