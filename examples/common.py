@@ -5,13 +5,13 @@ Everything here works offline. Without `--model` a run uses a byte-level tokeniz
 of a named size; the text comes from files every machine with Python and PyTorch
 already has:
 
-| corpus   | files                                                                          |
-| -------- | ------------------------------------------------------------------------------ |
-| `python` | the Python standard library's `.py` sources                                    |
-| `cpp`    | PyTorch's C++ headers (`torch/include`)                                        |
-| `pypackages` | the `.py` sources of installed packages (site-packages: torch, numpy, ...) |
-| `docs`   | prose: /usr/share/common-licenses, /usr/share/doc, installed packages' READMEs  |
-| PATH     | a text file, or every .txt/.md/.rst/.py file under a folder                    |
+| corpus       | files                                                                          |
+| ------------ | ------------------------------------------------------------------------------ |
+| `python`     | the Python standard library's `.py` sources                                    |
+| `cpp`        | PyTorch's C++ headers (`torch/include`)                                        |
+| `pypackages` | the `.py` sources of installed packages (site-packages: torch, numpy, ...)     |
+| `docs`       | prose: /usr/share/common-licenses, /usr/share/doc, installed packages' READMEs |
+| PATH         | a text file, or every .txt/.md/.rst/.py file under a folder                    |
 
 Files are split into train and eval by a hash of their path (1 in 20 is eval), so
 held-out loss is measured on documents the model never saw.

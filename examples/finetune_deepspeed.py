@@ -16,8 +16,8 @@ microadam_dist (done below) is all it takes for DeepSpeed to accept that type. T
 script itself does not know which optimizer it trains with.
 
 Without --model the model is a small Llama (`--size`) with a byte-level vocabulary and
-the corpus is --data (`python`, `cpp`, `docs` or a path; see examples/common.py), so
-the run needs no download. Rank 0 shows a progress bar, writes one JSON line per step
+the corpus is --data (a corpus named in examples/common.py, such as `python`, or a
+path), so the run needs no download. Rank 0 shows a progress bar, writes one JSON line per step
 to OUT/LABEL.jsonl (LABEL: the JSON's file name without `ds_`), a summary line at the
 end, and OUT/loss_curves.png with every run found in OUT. `--compare OTHER.json ...`
 trains the other JSONs afterwards in the same processes (same seed, same batches)
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     ap.add_argument("--model", default=None, help="hub id or local path; default: a fresh Llama of --size")
     ap.add_argument("--size", default="tiny", choices=tuple(common.SIZES), help="model size without --model")
-    ap.add_argument("--data", default="python", help="corpus: python, cpp, docs, or a file/folder path")
+    ap.add_argument("--data", default="python", help=f"corpus: {', '.join(common.CORPORA)}, or a file/folder path")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps (the JSON scheduler's total)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=4_000_000, help="train tokens read from the corpus")

@@ -15,8 +15,8 @@
 The script is an ordinary Trainer script: the optimizer comes from the JSON's
 `"optimizer": {"type": "MicroAdam", ...}`, which `import microadam_dist` (below) makes
 valid. Without --model the model is a small Llama (`--size`) with a byte-level
-vocabulary and the corpus is --data (`python`, `cpp`, `docs` or a path; see
-examples/common.py), so the run needs no download.
+vocabulary and the corpus is --data (a corpus named in examples/common.py, such as
+`python`, or a path), so the run needs no download.
 
 The JSON's values are the run's defaults: the micro-batch, accumulation, clipping,
 lr, betas, eps, weight decay, bf16 and the scheduler's length and warm-up become the
@@ -57,7 +57,7 @@ class ScriptArguments:
     model: str | None = dataclasses.field(
         default=None, metadata={"help": "hub id or local path; default: a fresh Llama of --size"})
     size: str = dataclasses.field(default="tiny", metadata={"help": f"one of {', '.join(common.SIZES)}"})
-    data: str = dataclasses.field(default="python", metadata={"help": "python, cpp, docs, or a file/folder"})
+    data: str = dataclasses.field(default="python", metadata={"help": f"{', '.join(common.CORPORA)}, or a file/folder"})
     seq_len: int = dataclasses.field(default=128, metadata={"help": "tokens per training window"})
     max_tokens: int = dataclasses.field(default=4_000_000, metadata={"help": "train tokens read"})
     eval_windows: int = dataclasses.field(default=32, metadata={"help": "held-out windows per evaluation"})
