@@ -91,7 +91,7 @@ def compare(res, opt, p, group, t, seed, rounding="nearest"):
     else:
         xi = np.array([oracle.xi(t, i) for i in range(n)])
         expect = np.clip(np.floor(qpos + xi), 0, 15)
-        scale_pos = np.repeat((qmax - qmin) / 15.0, Q)[:n] > 0
+        scale_pos = scale_e > 0
         expect = np.where(scale_pos, expect, 0)
         boundary = np.abs((qpos + xi) - np.round(qpos + xi)) < qtol
         assert np.array_equal(got[~boundary], expect[~boundary]), f"EF codes (seed {seed}, step {t})"
