@@ -186,13 +186,16 @@ class Runner:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip) if a.clip > 0 else None
             opt.step()
             opt.zero_grad(set_to_none=True)
-            row = {"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"]}
+            # Loss and norm stay on the device until the next evaluation: no sync per step.
+            row = {"step": step, "loss": loss.detach(), "lr": opt.param_groups[0]["lr"]}
             if norm is not None:
-                row["grad_norm"] = float(norm)
+                row["grad_norm"] = norm.detach()
+            rows.append(row)
             if step % a.eval_every == 0 or step == steps:
+                for r in rows[-a.eval_every:]:
+                    r.update({k: float(r[k]) for k in ("loss", "grad_norm") if torch.is_tensor(r.get(k))})
                 row["eval_loss"] = self.evaluate(model, phase)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", eval=f"{row['eval_loss']:.3f}")
-            rows.append(row)
         if self.cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

@@ -24,6 +24,9 @@
 #ifndef MICROADAM_ROW_MOMENTS
 #define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
 #endif
+#ifndef MICROADAM_STOP_AFTER
+#define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
+#endif
 
 #include "common.cuh"
 #include "topk.cuh"
@@ -137,6 +140,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       }
     }
 
+    if (MICROADAM_STOP_AFTER == 1) { __syncthreads(); continue; }
+
     // 2. a = g + Q^-1(EF) with the ranges of the previous step; two units in flight per thread.
     // Fast top-k: the largest |a| (its rungs of candidates); otherwise the first radix pass
     // of the general top-k.
@@ -174,6 +179,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     }
     __syncthreads();
 
+    if (MICROADAM_STOP_AFTER == 2) { __syncthreads(); continue; }
+
     // 3. Top-k into window row (t-1) mod m, ascending; zero the kept entries.
     {
       int16_t* gi = R.win_idx + (int64_t)row * R.k_total + col0;
@@ -193,6 +200,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         topk_write(a, L, thr.x, thr.y, gi, gv, si, sv, wcount);
       }
     }
+
+    if (MICROADAM_STOP_AFTER == 3) { __syncthreads(); continue; }
 
     // 4+5 fused, for small power-of-two quant blocks in one pass: Q/8 consecutive lanes
     // hold one quant block's units; they reduce min/max by shuffles and quantize at once.
@@ -300,6 +309,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       }
     }
     __syncthreads();
+
+    if (MICROADAM_STOP_AFTER == 4) continue;
 
     // 6. Moments and update. Rows are added in order r = 0..m-1 from 0, as the reference's
     // index_add_ on the CPU does. Without weight decay only the window's positions are

@@ -2,8 +2,9 @@
 //
 // Keys are |a| as IEEE bit patterns (monotone for non-negative floats).
 // Fast path (topk_cand): the keys above the highest of four rungs of the block's largest
-// key that holds at least k of them are listed in index order, and radix passes over that
-// list alone find the k-th largest. General path (no rung fits, or blocks over 8192): one
+// key that holds at least k of them are listed in index order, and one histogram spanning
+// [rung, largest key] over that list, then a ranking of one bin's members, finds the k-th
+// largest. General path (no rung fits, or blocks over 8192): one
 // radix pass over the top 11 bits of every key finds the bin of the k-th largest; its
 // members are ranked directly, or, if the bin is crowded (many exact ties), two more
 // radix passes resolve the key.
@@ -162,10 +163,11 @@ namespace microadam {
 // Most blocks take this path. Candidates are the keys >= amax * r for the largest of four
 // rungs r whose count reaches k (amax: the block's largest |a|, from the caller); they are
 // listed in index order in ckey/cidx (cap entries), the k-th largest key among them is
-// found by radix passes over the list alone, and the k best are written ascending, then
-// zeroed in a. Returns false, having written nothing, when no rung fits: fewer than k keys
-// above the lowest rung (heavy tails), or more than cap above the chosen one; the caller
-// then runs the general path, which gives the same result.
+// found from the list alone (step 4), and the k best are written ascending, then zeroed in
+// a. Returns false, having written nothing, when no rung fits: fewer than k keys above the
+// lowest rung (heavy tails), more than cap above the chosen one, or more than HIST_BINS
+// candidates in one bin of step 4; the caller then runs the general path, which gives the
+// same result.
 // Units of 8 elements: unit u = h * THREADS + tid in round h; gcnt holds 32 unsigned
 // (rounds * NWARPS <= 32, so L <= 8192), wcount 2 * NWARPS; hist HIST_BINS >= L / 8.
 __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* hist, unsigned* ckey,
@@ -244,26 +246,50 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
     }
   }
   __syncthreads();
-  // 4. Radix passes over the list (11, 10, 10 bits). T = the k-th largest key, take_eq = how
-  // many keys equal to T are kept; a pass whose bin is kept whole ends the search early
-  // (keep every key >= the bin's lowest key, that is > T = lowest - 1, none equal).
-  unsigned prefix = 0u, pmask = 0u, need = (unsigned)k, T = 0u, take_eq = 0u;
-  for (int p = 0; p < 3; ++p) {
-    const int shift = p == 0 ? 20 : (p == 1 ? 10 : 0);
-    const int nbins = p == 0 ? HIST_BINS : 1024;
-    for (int b = threadIdx.x; b < nbins; b += THREADS) hist[b] = 0u;
+  // 4. The k-th largest key T and how many keys equal to T are kept (take_eq). Every
+  // candidate lies in [lo_key, the block's largest key]: one histogram of 2048 bins spanning
+  // that range (bin = (key - lo_key) >> sh) gives the bin of the k-th largest, which holds a
+  // few of the ~200 candidates; its members are then ranked directly. A bin kept whole ends
+  // the search at once (T = its lowest key - 1, none equal). A bin of more than HIST_BINS
+  // members (exact ties) returns false, nothing written yet: the general path takes over.
+  unsigned T, take_eq;
+  {
+    const unsigned lo_key = rung == 0 ? kr0 : rung == 1 ? kr1 : rung == 2 ? kr2 : kr3;
+    const unsigned range = mag_key(amax) - lo_key;
+    const int sh = range < (unsigned)HIST_BINS ? 0 : 32 - __clz(range) - 11;  // (range >> sh) < 2048
+    for (int b = threadIdx.x; b < HIST_BINS; b += THREADS) hist[b] = 0u;
+    if (threadIdx.x == 0) bcast[3] = 0u;
     __syncthreads();
-    for (unsigned e = threadIdx.x; e < total; e += THREADS) {
-      const unsigned key = ckey[e];
-      if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & (unsigned)(nbins - 1)], 1u);
+    for (unsigned e = threadIdx.x; e < total; e += THREADS) atomicAdd(&hist[(ckey[e] - lo_key) >> sh], 1u);
+    __syncthreads();
+    const uint3 r = hist_select(hist, HIST_BINS, (unsigned)k, sw, bcast);
+    const unsigned blo = lo_key + (r.x << sh), left = (unsigned)k - r.y;
+    if (sh == 0) {
+      T = blo; take_eq = left;
+    } else if (r.z == left && blo > 0u) {
+      T = blo - 1u; take_eq = 0u;
+    } else {
+      unsigned* mk = hist;  // the bin's member keys (hist_select read hist before its last barrier)
+      for (unsigned e = threadIdx.x; e < total; e += THREADS) {
+        const unsigned key = ckey[e];
+        if (((key - lo_key) >> sh) == r.x) {
+          const unsigned slot = atomicAdd(&bcast[3], 1u);
+          if (slot < (unsigned)HIST_BINS) mk[slot] = key;
+        }
+      }
+      __syncthreads();
+      const unsigned nm = bcast[3];
+      if (nm > (unsigned)HIST_BINS) return false;  // uniform
+      for (unsigned t = threadIdx.x; t < nm; t += THREADS) {
+        const unsigned kt = mk[t];
+        unsigned g = 0, eq = 0;
+        for (unsigned j = 0; j < nm; ++j) { g += mk[j] > kt; eq += mk[j] == kt; }
+        if (g < left && g + eq >= left) { bcast[0] = kt; bcast[1] = left - g; }  // equal values from every tie
+      }
+      __syncthreads();
+      T = bcast[0];
+      take_eq = bcast[1];
     }
-    __syncthreads();
-    const uint3 r = hist_select(hist, nbins, need, sw, bcast);
-    prefix |= r.x << shift;
-    pmask |= (unsigned)(nbins - 1) << shift;
-    need -= r.y;
-    if (p == 2) { T = prefix; take_eq = need; break; }
-    if (r.z == need && prefix > 0u) { T = prefix - 1u; take_eq = 0u; break; }
   }
   // 5. Write the kept candidates ascending: thread t walks a contiguous run of the list;
   // one scan of (greater, equal) counts, packed in 16 bits each (total <= cap <= 65535).

@@ -151,8 +151,8 @@ def test_block_shapes_rounding_decay(topk_block, quant_block, density, m, ef_rou
         assert_same(cpu, gpu, opt_c, opt_g, torch.float32)
 
 
-def _zero_ef_step(sizes, pdtype, gdtype, seed, make_grad):
-    pair = make_pair(sizes, pdtype, gdtype, 1 + seed % 7, seed)
+def _zero_ef_step(sizes, pdtype, gdtype, seed, make_grad, **kw):
+    pair = make_pair(sizes, pdtype, gdtype, 1 + seed % 7, seed, **kw)
     cpu, gpu, opt_c, opt_g, gen = pair
     for pc, pg in zip(cpu, gpu):
         for st in (opt_c.state[pc], opt_g.state[pg]):
@@ -165,6 +165,14 @@ def test_ties_take_lower_index(seed):
     """Gradients with many equal magnitudes (fresh EF): the kept set is the lowest indices."""
     _zero_ef_step([8192, 4097], torch.bfloat16, torch.bfloat16, seed,
                   lambda n, gen: torch.randint(-3, 4, (n,), generator=gen).float())
+
+
+def test_crowded_candidate_bin_falls_back(seed):
+    """Top-k blocks of 8192 whose largest magnitude is shared by ~2/7 of the entries: the
+    candidates fit the list (<= 4096) but one histogram bin holds more than 2048 of them,
+    so the fast path hands the block to the general one; the lowest indices are kept."""
+    _zero_ef_step([16384, 8193], torch.bfloat16, torch.bfloat16, seed,
+                  lambda n, gen: torch.randint(-3, 4, (n,), generator=gen).float(), topk_block=8192)
 
 
 def test_ties_at_the_threshold_among_candidates(seed):
