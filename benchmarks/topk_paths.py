@@ -9,8 +9,11 @@ gradient (a model of the CUDA code, in PyTorch):
 
 * rungs (the kernel now): counts of |a| >= amax * (0.75, 0.55, 0.4, 0.28); the highest
   rung holding k keys is taken if it holds at most cap = topk_block / 2 candidates.
-* prev_row (proposed in docs/performance.md): the smallest magnitude in the block's
-  window row of the previous step (last step's k-th largest), rungs at 0.7x and 0.35x.
+  (The kernel also falls back when more than 2048 candidates share one bin of its
+  spanning histogram, possible only for top-k blocks over 4096; not modelled here.)
+* prev_row (timed as a kernel variant and not kept, docs/performance.md): the smallest
+  magnitude in the block's window row of the previous step (last step's k-th largest),
+  rungs at 0.7x and 0.35x.
 
     python benchmarks/topk_paths.py --size small --steps 200 --out benchmarks/results/topk_paths_cpu.json
 """
