@@ -15,7 +15,7 @@
 namespace microadam {
 
 constexpr int HIST_BINS = 2048;       // first radix digit: bits 20..30
-constexpr int CAND_CAP = HIST_BINS / 2;  // candidates (key, index) that fit in the histogram
+constexpr int CAND_CAP = HIST_BINS / 2;  // general path: bin members ranked directly (more: two radix passes)
 
 __device__ __forceinline__ unsigned mag_key(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
@@ -63,6 +63,30 @@ __device__ inline uint2 radix_pass(const float* a, int L, unsigned prefix, unsig
   return make_uint2(r.x, r.y);
 }
 
+// Among keys[0..n) (shared), the need-th largest key T and how many keys equal to T are
+// kept (need minus those above T), written to bcast[0..1]; read them after the barrier at
+// the end. All threads call it; O(n^2 / THREADS) compares, for the few members of one bin.
+__device__ inline void kth_among(const unsigned* keys, unsigned n, unsigned need, unsigned* bcast) {
+  for (unsigned t = threadIdx.x; t < n; t += THREADS) {
+    const unsigned kt = keys[t];
+    unsigned g = 0, eq = 0;
+    for (unsigned j = 0; j < n; ++j) { g += keys[j] > kt; eq += keys[j] == kt; }
+    if (g < need && g + eq >= need) { bcast[0] = kt; bcast[1] = need - g; }  // equal values from every tie
+  }
+  __syncthreads();
+}
+
+// A kept entry: its index and bf16 value to window slot pos (global, and the shared copy
+// when sidx is set), then zeroed in a.
+__device__ __forceinline__ void keep_entry(float* a, int i, float v, unsigned pos, int16_t* widx,
+                                           __nv_bfloat16* wval, int16_t* sidx, __nv_bfloat16* sval) {
+  const __nv_bfloat16 bv = __float2bfloat16_rn(v);
+  widx[pos] = (int16_t)i;
+  wval[pos] = bv;
+  if (sidx) { sidx[pos] = (int16_t)i; sval[pos] = bv; }
+  a[i] = 0.0f;
+}
+
 // Returns (T, take_eq): the k-th largest key, and how many elements equal to T are kept
 // (the lowest-indexed ones). `hist` holds HIST_BINS unsigned; with counted == true it was
 // already counted with the top 11 bits of every key (hist_bin0). bcast holds 4 unsigned.
@@ -73,33 +97,21 @@ __device__ inline uint2 topk_threshold(const float* a, int L, int k, unsigned* h
   const uint2 p0 = radix_pass(a, L, 0u, 0u, 20, HIST_BINS, (unsigned)k, hist, sw, bcast, counted);
   const unsigned bin = p0.x;
   const unsigned need = (unsigned)k - p0.y;  // >= 1 of the bin's members are kept
-  // Gather the bin's members into the histogram's memory as (key, index) pairs.
+  // Gather the bin's member keys into the histogram's memory and rank them.
   unsigned* ckey = hist;
-  unsigned* cidx = hist + CAND_CAP;
   if (threadIdx.x == 0) bcast[2] = 0;
   __syncthreads();
   for (int i = threadIdx.x; i < L; i += THREADS) {
     const unsigned key = mag_key(a[i]);
     if ((key >> 20) == bin) {
       const unsigned slot = atomicAdd(&bcast[2], 1u);
-      if (slot < CAND_CAP) { ckey[slot] = key; cidx[slot] = (unsigned)i; }
+      if (slot < CAND_CAP) ckey[slot] = key;
     }
   }
   __syncthreads();
   const unsigned nc = bcast[2];
   if (nc <= CAND_CAP) {
-    // Rank every member by (key descending, index ascending); the member ranked need-1 is T.
-    for (unsigned t = threadIdx.x; t < nc; t += THREADS) {
-      const unsigned kt = ckey[t], it = cidx[t];
-      unsigned rank = 0, greater = 0;
-      for (unsigned j = 0; j < nc; ++j) {
-        const unsigned kj = ckey[j];
-        greater += kj > kt;
-        rank += kj > kt || (kj == kt && cidx[j] < it);
-      }
-      if (rank == need - 1) { bcast[0] = kt; bcast[1] = need - greater; }
-    }
-    __syncthreads();
+    kth_among(ckey, nc, need, bcast);
     const uint2 r = make_uint2(bcast[0], bcast[1]);
     __syncthreads();
     return r;
@@ -142,14 +154,7 @@ __device__ inline void topk_write(float* a, int L, unsigned T, unsigned take_eq,
     const bool gt = i < w1 && key > T, eq = i < w1 && key == T;
     const unsigned mgt = __ballot_sync(FULL, gt), meq = __ballot_sync(FULL, eq);
     const unsigned my_gt = gt_before + __popc(mgt & lt), my_eq = eq_before + __popc(meq & lt);
-    if (gt || (eq && my_eq < take_eq)) {
-      const unsigned pos = my_gt + min(my_eq, take_eq);
-      const __nv_bfloat16 bv = __float2bfloat16_rn(v);
-      widx[pos] = (int16_t)i;
-      wval[pos] = bv;
-      if (sidx) { sidx[pos] = (int16_t)i; sval[pos] = bv; }
-      a[i] = 0.0f;
-    }
+    if (gt || (eq && my_eq < take_eq)) keep_entry(a, i, v, my_gt + min(my_eq, take_eq), widx, wval, sidx, sval);
     gt_before += __popc(mgt);
     eq_before += __popc(meq);
   }
@@ -280,13 +285,7 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
       __syncthreads();
       const unsigned nm = bcast[3];
       if (nm > (unsigned)HIST_BINS) return false;  // uniform
-      for (unsigned t = threadIdx.x; t < nm; t += THREADS) {
-        const unsigned kt = mk[t];
-        unsigned g = 0, eq = 0;
-        for (unsigned j = 0; j < nm; ++j) { g += mk[j] > kt; eq += mk[j] == kt; }
-        if (g < left && g + eq >= left) { bcast[0] = kt; bcast[1] = left - g; }  // equal values from every tie
-      }
-      __syncthreads();
+      kth_among(mk, nm, left, bcast);
       T = bcast[0];
       take_eq = bcast[1];
     }
@@ -306,13 +305,8 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
     const unsigned key = ckey[e];
     const bool gt = key > T, eq = key == T;
     if (gt || (eq && my_eq < take_eq)) {
-      const unsigned pos = my_gt + min(my_eq, take_eq);
       const int i = (int)cidx[e];
-      const __nv_bfloat16 bv = __float2bfloat16_rn(a[i]);
-      widx[pos] = (int16_t)i;
-      wval[pos] = bv;
-      if (sidx) { sidx[pos] = (int16_t)i; sval[pos] = bv; }
-      a[i] = 0.0f;
+      keep_entry(a, i, a[i], my_gt + min(my_eq, take_eq), widx, wval, sidx, sval);
     }
     my_gt += gt;
     my_eq += eq;
