@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -74,11 +75,15 @@ def parse_args(argv=None):
     ap.add_argument("--save-pretrained", default=None, help="save the pre-trained state_dict here")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--tag", default=None, help="file names: convergence_TAG.json/png (default: the size)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--deterministic", action="store_true",
-                    help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace; slower, "
-                         "and on an H100 not enough for identical pre-trained weights across processes "
-                         "(compare pretrained_checksum before comparing rows of two runs)")
+    ap.add_argument("--seed", type=int, default=0, help="model initialisation and pre-training batches")
+    ap.add_argument("--finetune-seed", type=int, default=None,
+                    help="fine-tuning batches (default: --seed); vary it alone to repeat a row from one pre-trained model")
+    ap.add_argument("--deterministic", nargs="?", const="all", default="off", choices=("off", "pretrain", "all"),
+                    help="reproducible across processes on one kind of GPU, for the pre-training only or for all: "
+                         "torch.use_deterministic_algorithms (warn only; the warnings are recorded in the JSON), a "
+                         "fixed cuBLAS workspace and the math attention kernel (flash and memory-efficient attention "
+                         "accumulate their backward with atomics); slower. Compare pretrained_checksum before "
+                         "comparing rows of two runs")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -140,16 +145,23 @@ class Runner:
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if args.deterministic:
+        if args.deterministic != "off":
             # cuBLAS needs a fixed workspace for reproducible results (set before its first use).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
+            self.set_deterministic(True)
         self.tok = common.ByteTokenizer()
         eval_tokens = max(args.eval_windows * (args.seq_len + 1) * 4, 200_000)
         self.data = {}
         for phase, corpus in (("pretrain", args.pretrain_corpus), ("finetune", args.finetune_corpus)):
             train, ev = common.load_corpus(corpus, self.tok, args.max_tokens, eval_tokens)
             self.data[phase] = (train, common.eval_windows(ev, args.eval_windows, args.seq_len))
+
+    def set_deterministic(self, on: bool) -> None:
+        torch.use_deterministic_algorithms(on, warn_only=True)  # an op without a deterministic kernel warns
+        if self.cuda:
+            torch.backends.cuda.enable_flash_sdp(not on)
+            torch.backends.cuda.enable_mem_efficient_sdp(not on)
+            torch.backends.cuda.enable_cudnn_sdp(not on)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
@@ -178,8 +190,8 @@ class Runner:
             for g, lr in zip(opt.param_groups, base):
                 g["lr"] = lr * common.lr_factor(step, warmup, steps)
             # Seeded by the phase and step only: every optimizer sees the same batches.
-            x = common.batch_at(tokens, step, a.seed + (1 if phase == "finetune" else 0), a.batch,
-                                a.seq_len).to(self.device, non_blocking=True)
+            seed = a.seed if phase == "pretrain" else (a.seed if a.finetune_seed is None else a.finetune_seed) + 1
+            x = common.batch_at(tokens, step, seed, a.batch, a.seq_len).to(self.device, non_blocking=True)
             with self.autocast():
                 loss = model(input_ids=x, labels=x).loss
             loss.backward()
@@ -246,6 +258,14 @@ def summarize(results: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # Warnings raised while training are kept in the JSON: under --deterministic they name
+    # any op that ran without a deterministic kernel.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        return run(args, caught)
+
+
+def run(args, caught: list) -> dict:
     runner = Runner(args)
     dev = runner.device
     model = common.build_model(None, args.size, runner.tok.vocab_size, seed=args.seed,
@@ -271,6 +291,8 @@ def main(argv=None) -> dict:
         del opt
         if args.save_pretrained:
             torch.save(model.state_dict(), args.save_pretrained)
+    if args.deterministic == "pretrain":
+        runner.set_deterministic(False)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     results["pretrained_checksum"] = weights_checksum(start)
     results["pretrained_eval_loss_on_finetune_corpus"] = runner.evaluate(model, "finetune")
@@ -290,6 +312,7 @@ def main(argv=None) -> dict:
             results.setdefault("peak_gpu_memory_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        results["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:400] for w in caught})
         path, png = write_results(args, results)  # after every run: a cut-off run keeps what it finished
 
     base = adamw_baseline(results["finetune"])
