@@ -56,7 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: " + json.dumps(TINY))
     ap.add_argument("--size", default="125m", choices=tuple(common.SIZES))
     ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--finetune-steps", type=int, default=1500)
+    ap.add_argument("--finetune-steps", type=int, default=1500,
+                    help="0: pre-train only (with --save-pretrained: a start for later runs' --pretrained)")
     ap.add_argument("--batch", type=int, default=16, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
@@ -297,7 +298,11 @@ def run(args, caught: list) -> dict:
     results["pretrained_checksum"] = weights_checksum(start)
     results["pretrained_eval_loss_on_finetune_corpus"] = runner.evaluate(model, "finetune")
 
-    for name in args.optimizers.split(","):
+    def save():
+        results["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:400] for w in caught})
+        return write_results(args, results)
+
+    for name in args.optimizers.split(",") if args.finetune_steps > 0 else ():
         model.load_state_dict(start)
         opt = make_optimizer(name, model, args.lr, args.backend)
         label = optimizer_spec(name)["label"]
@@ -312,9 +317,9 @@ def run(args, caught: list) -> dict:
             results.setdefault("peak_gpu_memory_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        results["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:400] for w in caught})
-        path, png = write_results(args, results)  # after every run: a cut-off run keeps what it finished
+        path, png = save()  # after every run: a cut-off run keeps what it finished
 
+    path, png = save()
     base = adamw_baseline(results["finetune"])
     if base:
         for name, r in results["finetune"].items():
