@@ -241,6 +241,8 @@ def write_results(args, results: dict) -> tuple[str, str]:
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     runs = {r["label"]: r["curve"] for r in results["finetune"].values()}
+    if not runs:  # pre-training only
+        return path, None
     png = common.plot_runs(runs, os.path.join(args.out, f"convergence_{args.tag}.png"),
                            title=f"Fine-tuning a {results['params'] / 1e6:.0f}M Llama ({args.size}) on "
                                  f"'{args.finetune_corpus}' after pre-training on '{args.pretrain_corpus}'")
@@ -327,7 +329,7 @@ def run(args, caught: list) -> dict:
             r["within_2pct_of_adamw"] = bool(r["eval_loss_vs_adamw"] <= 1.02)
         path, png = write_results(args, results)
     summarize(results)
-    print(f"\nresults: {path}\nplot:    {png}")
+    print(f"\nresults: {path}" + (f"\nplot:    {png}" if png else ""))
     return results
 
 
