@@ -129,13 +129,25 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const unsigned r0 = (unsigned)(base - q0 * Q);
     const int nunits = (L + 7) / 8;
 
-    // 1. Stage the window rows written in earlier steps (the current one is written below).
+    // 1. Stage the window rows written in earlier steps (the current one is written below);
+    // two entries per thread, both loaded before either is stored.
     if (A.win_smem) {
-      for (int e = tid; e < m * kj; e += THREADS) {
-        const int r = e / kj, c = e - r * kj;
-        if (r != row) {
-          sidx[r * KB + c] = R.win_idx[(int64_t)r * R.k_total + col0 + c];
-          sval[r * KB + c] = R.win_val[(int64_t)r * R.k_total + col0 + c];
+      for (int e0 = tid; e0 < m * kj; e0 += 2 * THREADS) {
+        int16_t li[2];
+        __nv_bfloat16 lv[2];
+        int dst[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int e = e0 + h * THREADS, r = e / kj, c = e - r * kj;
+          dst[h] = e < m * kj && r != row ? r * KB + c : -1;
+          if (dst[h] >= 0) {
+            li[h] = R.win_idx[(int64_t)r * R.k_total + col0 + c];
+            lv[h] = R.win_val[(int64_t)r * R.k_total + col0 + c];
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (dst[h] >= 0) { sidx[dst[h]] = li[h]; sval[dst[h]] = lv[h]; }
         }
       }
     }
