@@ -216,10 +216,11 @@ class Runner:
                 "seconds_per_step": seconds / steps}
 
 
-def make_optimizer(name: str, model, lr: float, backend: str):
-    """The optimizer of an --optimizers entry; its "/lr=" override wins over lr."""
+def make_optimizer(name: str, model, lr: float, backend: str, spec: dict | None = None):
+    """The optimizer of an --optimizers entry (spec: its optimizer_spec, if already parsed);
+    its "/lr=" override wins over lr."""
     groups = common.decay_groups(model, 0.0)
-    hyper = {k: v for k, v in optimizer_spec(name).items() if k != "label"}
+    hyper = {k: v for k, v in (spec or optimizer_spec(name)).items() if k != "label"}
     lr = hyper.pop("lr", lr)
     if is_adamw(name):
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=torch.cuda.is_available() or None)
@@ -306,8 +307,9 @@ def run(args, caught: list) -> dict:
 
     for name in args.optimizers.split(",") if args.finetune_steps > 0 else ():
         model.load_state_dict(start)
-        opt = make_optimizer(name, model, args.lr, args.backend)
-        label = optimizer_spec(name)["label"]
+        spec = optimizer_spec(name)
+        opt = make_optimizer(name, model, args.lr, args.backend, spec)
+        label = spec["label"]
         run = runner.train(model, opt, "finetune", args.finetune_steps, label)
         run["label"] = label
         run["state_bytes"] = common.optimizer_state_bytes(opt)
