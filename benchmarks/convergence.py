@@ -187,11 +187,11 @@ class Runner:
         warmup = max(1, int(a.warmup_frac * steps))
         rows, t0 = [], time.perf_counter()
         bar = tqdm(range(1, steps + 1), desc=desc, disable=a.no_progress, dynamic_ncols=True, mininterval=2)
+        # Seeded by the phase and step only: every optimizer sees the same batches.
+        seed = a.seed if phase == "pretrain" else (a.seed if a.finetune_seed is None else a.finetune_seed) + 1
         for step in bar:
             for g, lr in zip(opt.param_groups, base):
                 g["lr"] = lr * common.lr_factor(step, warmup, steps)
-            # Seeded by the phase and step only: every optimizer sees the same batches.
-            seed = a.seed if phase == "pretrain" else (a.seed if a.finetune_seed is None else a.finetune_seed) + 1
             x = common.batch_at(tokens, step, seed, a.batch, a.seq_len).to(self.device, non_blocking=True)
             with self.autocast():
                 loss = model(input_ids=x, labels=x).loss
@@ -266,10 +266,10 @@ def main(argv=None) -> dict:
     # any op that ran without a deterministic kernel.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        return run(args, caught)
+        return experiment(args, caught)
 
 
-def run(args, caught: list) -> dict:
+def experiment(args, caught: list) -> dict:
     runner = Runner(args)
     dev = runner.device
     model = common.build_model(None, args.size, runner.tok.vocab_size, seed=args.seed,
@@ -321,15 +321,14 @@ def run(args, caught: list) -> dict:
             results.setdefault("peak_gpu_memory_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        path, png = save()  # after every run: a cut-off run keeps what it finished
+        save()  # after every run: a cut-off run keeps what it finished
 
-    path, png = save()
     base = adamw_baseline(results["finetune"])
     if base:
         for name, r in results["finetune"].items():
             r["eval_loss_vs_adamw"] = r["final_eval_loss"] / base["final_eval_loss"]
             r["within_2pct_of_adamw"] = bool(r["eval_loss_vs_adamw"] <= 1.02)
-        path, png = write_results(args, results)
+    path, png = save()
     summarize(results)
     print(f"\nresults: {path}" + (f"\nplot:    {png}" if png else ""))
     return results
