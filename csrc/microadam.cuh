@@ -55,7 +55,6 @@ struct StepArgs {
   int dense;              // 1: write every param (weight decay, or eps == 0); 0: only window positions
   int param_dtype, grad_dtype;
   int win_smem;           // set by launch_step: the block's window rows are staged in shared memory
-  int prefetch;           // set by the launch: pass 1 prefetches the next top-k block (MICROADAM_PREFETCH)
 };
 
 // Dynamic shared memory of the compress/update kernel, and whether the window rows of a

@@ -27,13 +27,6 @@
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
 #endif
-#ifndef MICROADAM_PREFETCH
-#define MICROADAM_PREFETCH 0  // n > 0: a CUDA block takes n consecutive top-k blocks, copying the next one's
-                              // gradient and EF into shared memory (cp.async) while it works on the present one
-#endif
-#if MICROADAM_PREFETCH && MICROADAM_STOP_AFTER
-#error "MICROADAM_STOP_AFTER and MICROADAM_PREFETCH do not combine"
-#endif
 
 #include "common.cuh"
 #include "topk.cuh"
@@ -46,49 +39,6 @@ constexpr int OWN_CAP = 2 * HIST_BINS;  // window positions listed (int16) in th
 constexpr int ACC_DOUBLE_MAX = 8192;  // up to this topk_block, both moment sums fit next to a
 constexpr int WIN_SMEM_CAP = 24 * 1024;  // bytes of window rows staged per block
 constexpr int MASK_MAX_M = 32;        // up to this m, window moments through a row bitmask per position
-
-// Asynchronous 16-byte copy global -> shared of the first src_bytes (0..16), zero-filling the
-// rest (cp.async on sm_80+, a plain copy before).
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, int src_bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
-#else
-  uint8_t* o = reinterpret_cast<uint8_t*>(dst);
-  const uint8_t* i = reinterpret_cast<const uint8_t*>(src);
-  for (int b = 0; b < 16; ++b) o[b] = b < src_bytes ? i[b] : (uint8_t)0;
-#endif
-}
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void copy_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-
-// Prefetch: the gradient and EF bytes of top-k block jb of tensor r into gbuf / efbuf, when
-// both start on 16 bytes (uniform over the CUDA block: the same answer where they are read).
-template <typename G>
-__device__ __forceinline__ bool prefetch_ok(const Rec& r, int64_t base) {
-  return aligned16(reinterpret_cast<const G*>(r.grad) + base) && aligned16(r.ef + (base >> 1));
-}
-template <typename G>
-__device__ __forceinline__ void prefetch_block(const Rec& r, int64_t base, int L, uint8_t* gbuf, uint8_t* efbuf) {
-  if (!prefetch_ok<G>(r, base)) return;
-  const uint8_t* gs = reinterpret_cast<const uint8_t*>(reinterpret_cast<const G*>(r.grad) + base);
-  const uint8_t* es = r.ef + (base >> 1);
-  const int gbytes = L * (int)sizeof(G), ebytes = (L + 1) / 2;
-  const int ng = (gbytes + 15) / 16, ne = (ebytes + 15) / 16;
-  for (int c = threadIdx.x; c < ng + ne; c += THREADS) {
-    if (c < ng) copy16_async(gbuf + 16 * c, gs + 16 * c, min(16, gbytes - 16 * c));
-    else copy16_async(efbuf + 16 * (c - ng), es + 16 * (c - ng), min(16, ebytes - 16 * (c - ng)));
-  }
-  copy_async_commit();
-}
 
 // 8 gradient elements and their 8 EF codes, from global memory (vector loads when allowed).
 template <typename G>
@@ -142,10 +92,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   extern __shared__ float4 smem_raw[];
   const int B = A.topk_block, Q = A.quant_block, m = A.m, KB = A.k_block;
   const int S = (B + 15) & ~15;
-  const bool pf = MICROADAM_PREFETCH > 0 && A.prefetch;  // then B <= ACC_DOUBLE_MAX, B % 32 == 0, use_mask
-  // Floats of a; the upper part lists top-k candidates (S / 2 pairs, S / 4 with prefetch),
-  // and the row-by-row moments use SA/2 floats for each sum.
-  const int SA = B <= ACC_DOUBLE_MAX ? (pf ? S + S / 2 : 2 * S) : S;
+  const int SA = B <= ACC_DOUBLE_MAX ? 2 * S : S;  // floats of a; the moment sums use SA/2 each
   float* a = reinterpret_cast<float*>(smem_raw);
   unsigned* hist = reinterpret_cast<unsigned*>(a + SA);
   float* smin = reinterpret_cast<float*>(hist);  // after the top-k: new minima, scales, 1/scales
@@ -154,10 +101,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   int16_t* owners = reinterpret_cast<int16_t*>(hist);  // during the update: distinct window positions
   int16_t* sidx = A.win_smem ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
   __nv_bfloat16* sval = A.win_smem ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
-  // Prefetch buffers after the window rows: S gradient elements, then S / 2 EF bytes.
-  uint8_t* gbuf = reinterpret_cast<uint8_t*>(hist + HIST_BINS) + ((int64_t)m * KB * 4 + 15) / 16 * 16;
-  uint8_t* efbuf = gbuf + (int64_t)S * sizeof(G);
-  __shared__ Rec Rs[2];
+  __shared__ Rec R;
   __shared__ unsigned sw[NWARPS];
   __shared__ unsigned wcount[2 * NWARPS];
   __shared__ unsigned gcnt[32];
@@ -168,25 +112,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   const bool fast = SA > S && !MICROADAM_NO_FAST_TOPK;
   const bool use_mask = m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS;
 
-  // Without prefetch: one top-k block per CUDA block (grid-stride); with it, MICROADAM_PREFETCH
-  // consecutive ones, the next one's gradient and EF copied while the present one is worked on.
-  const int64_t vb0 = pf ? (int64_t)blockIdx.x * MICROADAM_PREFETCH : (int64_t)blockIdx.x;
-  const int64_t vb_end = pf ? min(A.total_blocks, vb0 + MICROADAM_PREFETCH) : A.total_blocks;
-  const int64_t vb_step = pf ? 1 : (int64_t)gridDim.x;
-  if (pf && vb0 < vb_end) {
-    if (tid == 0) find_record(A.table, A.ntensors, vb0, Rs[0]);
-    __syncthreads();
-    const int64_t jb = vb0 - Rs[0].start;
-    prefetch_block<G>(Rs[0], jb * B, (int)min((int64_t)B, Rs[0].n - jb * B), gbuf, efbuf);
-  }
-  int par = 0;
-  for (int64_t vb = vb0; vb < vb_end; vb += vb_step, par ^= 1) {
-    Rec& R = Rs[pf ? par : 0];
-    if (!pf && tid == 0) find_record(A.table, A.ntensors, vb, R);
-    if (pf && tid == 0 && vb + 1 < vb_end) {  // the next block's record (read after the barrier below)
-      if (vb + 1 - R.start < (R.n + B - 1) / B) Rs[par ^ 1] = R;
-      else find_record(A.table, A.ntensors, vb + 1, Rs[par ^ 1]);
-    }
+  for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
+    if (tid == 0) find_record(A.table, A.ntensors, vb, R);
     if (!fast) for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
     __syncthreads();
     P* param = reinterpret_cast<P*>(R.param);
@@ -232,12 +159,6 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     // of the general top-k.
     const bool vec_in = (base % 8 == 0) && aligned16(grad + base) &&
                         (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
-    // Prefetched: this block's gradient and EF are in gbuf / efbuf once every thread's copies landed.
-    const bool from_buf = pf && prefetch_ok<G>(R, base);
-    if (pf) {
-      copy_async_wait_all();
-      __syncthreads();
-    }
     float amax = 0.0f;
     for (int u0 = tid; u0 < nunits; u0 += 2 * THREADS) {
       float g[2][8];
@@ -245,13 +166,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int u = u0 + h * THREADS;
-        if (u >= nunits) continue;
-        if (from_buf) {  // zero-filled past L; the elements past `valid` are not used
-          load8(reinterpret_cast<const G*>(gbuf) + 8 * u, g[h]);
-          codes[h] = reinterpret_cast<const unsigned*>(efbuf)[u];
-        } else {
-          load_unit(grad, R.ef, base + 8 * u, min(8, L - 8 * u), vec_in, g[h], codes[h]);
-        }
+        if (u < nunits) load_unit(grad, R.ef, base + 8 * u, min(8, L - 8 * u), vec_in, g[h], codes[h]);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -275,11 +190,6 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       if (lane == 0) red[warp] = amax;
     }
     __syncthreads();
-    if (pf && vb + 1 < vb_end) {  // gbuf / efbuf are free: copy the next block's while this one goes on
-      const Rec& Rn = Rs[par ^ 1];
-      const int64_t jn = vb + 1 - Rn.start;
-      prefetch_block<G>(Rn, jn * B, (int)min((int64_t)B, Rn.n - jn * B), gbuf, efbuf);
-    }
 
     if (MICROADAM_STOP_AFTER == 2) { __syncthreads(); continue; }
 
@@ -295,8 +205,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         float bmax = 0.0f;
         for (int w = 0; w < NWARPS; ++w) bmax = fmaxf(bmax, red[w]);
         unsigned* ckey = reinterpret_cast<unsigned*>(a + S);
-        const int cap = (SA - S) / 2;  // (key, index) pairs
-        done = topk_cand(a, L, kj, bmax, hist, ckey, ckey + cap, cap, gi, gv, si, sv, sw, gcnt, wcount, bcast);
+        done = topk_cand(a, L, kj, bmax, hist, ckey, ckey + S / 2, S / 2, gi, gv, si, sv, sw, gcnt, wcount, bcast);
       }
       if (!done) {
         const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast, !fast);
@@ -626,25 +535,9 @@ __global__ void commit_ranges_kernel(StepArgs A) {
   }
 }
 
-// Whether pass 1 prefetches (MICROADAM_PREFETCH): the fast top-k's shared memory with the
-// candidate list halved, the window rows staged and the bitmask moments; 2-byte gradients
-// (a 4-byte gradient buffer would cost a resident block per SM).
-bool use_prefetch(const StepArgs& A, int grad_bytes) {
-  return MICROADAM_PREFETCH > 0 && A.win_smem && A.topk_block <= ACC_DOUBLE_MAX && A.topk_block % 32 == 0 &&
-         A.m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS && !MICROADAM_NO_FAST_TOPK && grad_bytes == 2;
-}
-
-int64_t pass1_smem_prefetch_bytes(int topk_block, int m, int k_block, int grad_bytes) {
-  const int64_t S = (topk_block + 15) & ~15;
-  return (S + S / 2) * 4 + HIST_BINS * 4 + ((int64_t)m * k_block * 4 + 15) / 16 * 16 + S * grad_bytes + S / 2;
-}
-
 template <typename P, typename G>
-cudaError_t launch_pass1(const StepArgs& A0, cudaStream_t s) {
-  StepArgs A = A0;
-  A.prefetch = use_prefetch(A, (int)sizeof(G)) ? 1 : 0;
-  const int64_t smem = A.prefetch ? pass1_smem_prefetch_bytes(A.topk_block, A.m, A.k_block, (int)sizeof(G))
-                                  : pass1_smem_bytes(A.topk_block, A.m, A.k_block);
+cudaError_t launch_pass1(const StepArgs& A, cudaStream_t s) {
+  const int64_t smem = pass1_smem_bytes(A.topk_block, A.m, A.k_block);
   auto kernel = compress_update_kernel<P, G>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -654,10 +547,7 @@ cudaError_t launch_pass1(const StepArgs& A0, cudaStream_t s) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                        (int)cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return e;
-  const int64_t per = A.prefetch ? MICROADAM_PREFETCH : 1;
-  const int64_t need = (A.total_blocks + per - 1) / per;
-  if (A.prefetch && need > INT_MAX) return cudaErrorInvalidConfiguration;
-  const int64_t grid = need < INT_MAX ? need : INT_MAX;
+  const int64_t grid = A.total_blocks < INT_MAX ? A.total_blocks : INT_MAX;
   kernel<<<(unsigned)grid, THREADS, (size_t)smem, s>>>(A);
   return cudaGetLastError();
 }
