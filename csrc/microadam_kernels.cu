@@ -13,6 +13,7 @@
 //   recompute a with the old EF ranges, zero this step's window positions, quantize
 //   with the new ranges. Then the new ranges are committed.
 #include <climits>
+#include <type_traits>
 
 // Compile-time variants, measured by benchmarks/kernel_variants.py; the defaults are the build.
 #ifndef MICROADAM_NO_FAST_TOPK
@@ -23,6 +24,10 @@
 #endif
 #ifndef MICROADAM_ROW_MOMENTS
 #define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
+#endif
+#ifndef MICROADAM_LEAN
+#define MICROADAM_LEAN 3  // lean instances of pass 1 for common launches (lean_kind): bit 0 the one with
+                          // quant blocks fused by shuffles, bit 1 the one for other one-pass quant blocks
 #endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
@@ -87,20 +92,24 @@ __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w,
   }
 }
 
-template <typename P, typename G>
+// LEAN > 0: instances for launches where every tensor takes the fast top-k, the window rows
+// staged in shared memory, the bitmask moments, one pass, and no dense sweep (lean_kind);
+// LEAN == 1 also fuses quant blocks by shuffles. The other paths are compiled out of them.
+template <typename P, typename G, int LEAN>
 __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update_kernel(StepArgs A) {
   extern __shared__ float4 smem_raw[];
   const int B = A.topk_block, Q = A.quant_block, m = A.m, KB = A.k_block;
   const int S = (B + 15) & ~15;
-  const int SA = B <= ACC_DOUBLE_MAX ? 2 * S : S;  // floats of a; the moment sums use SA/2 each
+  // Floats of a; the upper part lists the top-k candidates, the row-by-row moments use SA/2 each.
+  const int SA = LEAN || B <= ACC_DOUBLE_MAX ? 2 * S : S;
   float* a = reinterpret_cast<float*>(smem_raw);
   unsigned* hist = reinterpret_cast<unsigned*>(a + SA);
   float* smin = reinterpret_cast<float*>(hist);  // after the top-k: new minima, scales, 1/scales
   float* sscale = smin + MAXQ_SHARED;
   float* sinv = sscale + MAXQ_SHARED;
   int16_t* owners = reinterpret_cast<int16_t*>(hist);  // during the update: distinct window positions
-  int16_t* sidx = A.win_smem ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
-  __nv_bfloat16* sval = A.win_smem ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
+  int16_t* sidx = (LEAN || A.win_smem) ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
+  __nv_bfloat16* sval = (LEAN || A.win_smem) ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
   __shared__ Rec R;
   __shared__ unsigned sw[NWARPS];
   __shared__ unsigned wcount[2 * NWARPS];
@@ -109,8 +118,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   __shared__ float red[2 * NWARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // Fast top-k (topk_cand) where the upper half of a can list its candidates.
-  const bool fast = SA > S && !MICROADAM_NO_FAST_TOPK;
-  const bool use_mask = m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS;
+  const bool fast = LEAN || (SA > S && !MICROADAM_NO_FAST_TOPK);
+  const bool use_mask = LEAN || (m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS);
 
   for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
     if (tid == 0) find_record(A.table, A.ntensors, vb, R);
@@ -124,14 +133,14 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const int kj = (jb == (R.n + B - 1) / B - 1) ? R.k_last : KB;
     const int64_t col0 = jb * KB;
     const int row = (int)((R.step - 1) % m);
-    const bool onepass = R.ws < 0;
+    const bool onepass = LEAN || R.ws < 0;
     const int64_t q0 = base / Q;
     const unsigned r0 = (unsigned)(base - q0 * Q);
     const int nunits = (L + 7) / 8;
 
     // 1. Stage the window rows written in earlier steps (the current one is written below);
     // two entries per thread, both loaded before either is stored.
-    if (A.win_smem) {
+    if (LEAN || A.win_smem) {
       for (int e0 = tid; e0 < m * kj; e0 += 2 * THREADS) {
         int16_t li[2];
         __nv_bfloat16 lv[2];
@@ -197,15 +206,16 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     {
       int16_t* gi = R.win_idx + (int64_t)row * R.k_total + col0;
       __nv_bfloat16* gv = R.win_val + (int64_t)row * R.k_total + col0;
-      int16_t* si = A.win_smem ? sidx + row * KB : nullptr;
-      __nv_bfloat16* sv = A.win_smem ? sval + row * KB : nullptr;
+      int16_t* si = (LEAN || A.win_smem) ? sidx + row * KB : nullptr;
+      __nv_bfloat16* sv = (LEAN || A.win_smem) ? sval + row * KB : nullptr;
       bool done = false;
       if (fast) {
         // The upper half of a (free until the moments) lists the candidates: S / 2 (key, index) pairs.
         float bmax = 0.0f;
         for (int w = 0; w < NWARPS; ++w) bmax = fmaxf(bmax, red[w]);
         unsigned* ckey = reinterpret_cast<unsigned*>(a + S);
-        done = topk_cand(a, L, kj, bmax, hist, ckey, ckey + S / 2, S / 2, gi, gv, si, sv, sw, gcnt, wcount, bcast);
+        const int cap = (SA - S) / 2;  // (key, index) pairs
+        done = topk_cand(a, L, kj, bmax, hist, ckey, ckey + cap, cap, gi, gv, si, sv, sw, gcnt, wcount, bcast);
       }
       if (!done) {
         const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast, !fast);
@@ -217,7 +227,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
 
     // 4+5 fused, for small power-of-two quant blocks in one pass: Q/8 consecutive lanes
     // hold one quant block's units; they reduce min/max by shuffles and quantize at once.
-    const bool fused_q = onepass && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0;
+    const bool fused_q = LEAN == 1 || (onepass && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0);
     if (fused_q) {
       const int seg = Q / 8;
       const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
@@ -327,9 +337,9 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     // 6. Moments and update. Rows are added in order r = 0..m-1 from 0, as the reference's
     // index_add_ on the CPU does. Without weight decay only the window's positions are
     // read and written; with it (A.dense), a sweep decays the others.
-    const int16_t* wi0 = A.win_smem ? sidx : R.win_idx + col0;
-    const __nv_bfloat16* wv0 = A.win_smem ? sval : R.win_val + col0;
-    const int64_t rs = A.win_smem ? KB : R.k_total;
+    const int16_t* wi0 = (LEAN || A.win_smem) ? sidx : R.win_idx + col0;
+    const __nv_bfloat16* wv0 = (LEAN || A.win_smem) ? sval : R.win_val + col0;
+    const int64_t rs = (LEAN || A.win_smem) ? KB : R.k_total;
     const float z = __fmul_rn(A.lr, __fdiv_rn(0.0f, __fadd_rn(0.0f, A.eps)));  // lr*(0/(sqrt(0)+eps))
     const bool vec_p = (base % 8 == 0) && aligned16(param + base);
     // Param i of the block from its sums: m_hat = s1 * c1, v_hat = s2 * c2.
@@ -397,7 +407,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         }
         update(idx, s1, s2);
       }
-      if (A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
+      if (!LEAN && A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
       __syncthreads();
     } else {
       // Row by row (m > 32), over chunks of the block whose two sums fit in a; acc2 < 0
@@ -442,7 +452,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         } else {
           for (int p = tid; p < c1 - c0; p += THREADS) if (acc2[p] >= 0.0f) update(c0 + p, acc1[p], acc2[p]);
         }
-        if (A.dense) sweep(c0, c1, [&](int p) { return acc2[p] >= 0.0f; });
+        if (!LEAN && A.dense) sweep(c0, c1, [&](int p) { return acc2[p] >= 0.0f; });
         __syncthreads();
       }
     }
@@ -535,10 +545,22 @@ __global__ void commit_ranges_kernel(StepArgs A) {
   }
 }
 
-template <typename P, typename G>
+// The lean instance of pass 1 a launch can take (0: none): every tensor one pass, the fast
+// top-k, the staged window, the bitmask moments, no sweep; 1 when its quant blocks (8..256,
+// a power of two) are fused with shuffles.
+int lean_kind(const StepArgs& A) {
+  const int Q = A.quant_block;
+  const bool lean = A.win_smem && A.ntensors2 == 0 && !A.dense && A.topk_block <= ACC_DOUBLE_MAX &&
+                    A.m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS && !MICROADAM_NO_FAST_TOPK;
+  if (!lean) return 0;
+  if ((MICROADAM_LEAN & 1) && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0) return 1;
+  return (MICROADAM_LEAN & 2) ? 2 : 0;
+}
+
+template <typename P, typename G, int LEAN>
 cudaError_t launch_pass1(const StepArgs& A, cudaStream_t s) {
   const int64_t smem = pass1_smem_bytes(A.topk_block, A.m, A.k_block);
-  auto kernel = compress_update_kernel<P, G>;
+  auto kernel = compress_update_kernel<P, G, LEAN>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
@@ -559,12 +581,27 @@ cudaError_t launch_pass2(const StepArgs& A, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+// Lean instances only for the dtype pairs in use (params and grads alike, or fp32 master
+// params): each instance adds to the build time.
+template <typename P, typename G>
+cudaError_t dispatch_lean(const StepArgs& A, cudaStream_t s) {
+  if constexpr (std::is_same<P, G>::value || std::is_same<P, float>::value) {
+#if MICROADAM_LEAN & 1
+    if (lean_kind(A) == 1) return launch_pass1<P, G, 1>(A, s);
+#endif
+#if MICROADAM_LEAN & 2
+    if (lean_kind(A) == 2) return launch_pass1<P, G, 2>(A, s);
+#endif
+  }
+  return launch_pass1<P, G, 0>(A, s);
+}
+
 template <typename P>
 cudaError_t dispatch_grad(const StepArgs& A, cudaStream_t s) {
   switch (A.grad_dtype) {
-    case DT_F32: return launch_pass1<P, float>(A, s);
-    case DT_BF16: return launch_pass1<P, __nv_bfloat16>(A, s);
-    case DT_F16: return launch_pass1<P, __half>(A, s);
+    case DT_F32: return dispatch_lean<P, float>(A, s);
+    case DT_BF16: return dispatch_lean<P, __nv_bfloat16>(A, s);
+    case DT_F16: return dispatch_lean<P, __half>(A, s);
   }
   return cudaErrorInvalidValue;
 }
