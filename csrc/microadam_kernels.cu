@@ -27,7 +27,9 @@
 #endif
 #ifndef MICROADAM_LEAN
 #define MICROADAM_LEAN 3  // lean instances of pass 1 for common launches (lean_kind): bit 0 the one with
-                          // quant blocks fused by shuffles, bit 1 the one for other one-pass quant blocks
+                          // quant blocks fused by shuffles, bit 1 the one for other one-pass quant blocks,
+                          // bit 2: both also take launches with the dense sweep (weight decay; not kept:
+                          // docs/performance.md)
 #endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
@@ -93,7 +95,8 @@ __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w,
 }
 
 // LEAN > 0: instances for launches where every tensor takes the fast top-k, the window rows
-// staged in shared memory, the bitmask moments, one pass, and no dense sweep (lean_kind);
+// staged in shared memory, the bitmask moments, one pass, and no dense sweep (lean_kind;
+// MICROADAM_LEAN & 4 keeps the sweep in them);
 // LEAN == 1 also fuses quant blocks by shuffles. The other paths are compiled out of them.
 template <typename P, typename G, int LEAN>
 __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update_kernel(StepArgs A) {
@@ -407,7 +410,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         }
         update(idx, s1, s2);
       }
-      if (!LEAN && A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
+      if ((!LEAN || (MICROADAM_LEAN & 4)) && A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
       __syncthreads();
     } else {
       // Row by row (m > 32), over chunks of the block whose two sums fit in a; acc2 < 0
@@ -546,12 +549,13 @@ __global__ void commit_ranges_kernel(StepArgs A) {
 }
 
 // The lean instance of pass 1 a launch can take (0: none): every tensor one pass, the fast
-// top-k, the staged window, the bitmask moments, no sweep; 1 when its quant blocks (8..256,
+// top-k, the staged window, the bitmask moments, no sweep (unless MICROADAM_LEAN & 4); 1 when its quant blocks (8..256,
 // a power of two) are fused with shuffles.
 int lean_kind(const StepArgs& A) {
   const int Q = A.quant_block;
-  const bool lean = A.win_smem && A.ntensors2 == 0 && !A.dense && A.topk_block <= ACC_DOUBLE_MAX &&
-                    A.m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS && !MICROADAM_NO_FAST_TOPK;
+  const bool lean = A.win_smem && A.ntensors2 == 0 && (!A.dense || (MICROADAM_LEAN & 4)) &&
+                    A.topk_block <= ACC_DOUBLE_MAX && A.m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS &&
+                    !MICROADAM_NO_FAST_TOPK;
   if (!lean) return 0;
   if ((MICROADAM_LEAN & 1) && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0) return 1;
   return (MICROADAM_LEAN & 2) ? 2 : 0;
