@@ -111,6 +111,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   float* sscale = smin + MAXQ_SHARED;
   float* sinv = sscale + MAXQ_SHARED;
   int16_t* owners = reinterpret_cast<int16_t*>(hist);  // during the update: distinct window positions
+  // (LEAN || A.win_smem) and (!LEAN && A.dense) are written out where used: held in locals
+  // they changed the general instance's register allocation (more spill loads).
   int16_t* sidx = (LEAN || A.win_smem) ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
   __nv_bfloat16* sval = (LEAN || A.win_smem) ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
   __shared__ Rec R;
@@ -549,8 +551,8 @@ __global__ void commit_ranges_kernel(StepArgs A) {
 }
 
 // The lean instance of pass 1 a launch can take (0: none): every tensor one pass, the fast
-// top-k, the staged window, the bitmask moments, no sweep (unless MICROADAM_LEAN & 4); 1 when its quant blocks (8..256,
-// a power of two) are fused with shuffles.
+// top-k, the staged window, the bitmask moments, no sweep (unless MICROADAM_LEAN & 4);
+// 1 when its quant blocks (8..256, a power of two) are fused with shuffles.
 int lean_kind(const StepArgs& A) {
   const int Q = A.quant_block;
   const bool lean = A.win_smem && A.ntensors2 == 0 && (!A.dense || (MICROADAM_LEAN & 4)) &&
