@@ -223,6 +223,9 @@ __device__ __forceinline__ void atomic_max_f(float* addr, float v) {
   else atomicMin(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
 }
 
+// Hint: bring the 32-byte sector holding p into L2 (no fault, no result).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // First position in sorted row[0..k) whose value is >= x.
 __device__ __forceinline__ int lower_bound16(const int16_t* row, int k, int x) {
   int lo = 0, hi = k;

@@ -1,7 +1,7 @@
 // Fused MicroAdam step kernels (docs/algorithm.md; spec: microadam_dist/ops/reference.py).
 //
 // Pass 1, one CUDA block per top-k block of any tensor in the launch table:
-//   stage the block's m window rows in shared memory; a = g + Q^-1(EF) into shared
+//   prefetch the block's params into L2 (the update at the end reads them); stage the block's m window rows in shared memory; a = g + Q^-1(EF) into shared
 //   memory (16-byte loads); find the k-th largest |a| (topk.cuh); write the window row
 //   ascending; zero the selected entries; per quant block min/max; requantize the EF
 //   (when quant blocks nest in the top-k block) or fold the block's min/max into a
@@ -30,6 +30,13 @@
                           // quant blocks fused by shuffles, bit 1 the one for other one-pass quant blocks,
                           // bit 2: both also take launches with the dense sweep (weight decay; not kept:
                           // docs/performance.md)
+#endif
+#ifndef MICROADAM_PF_PARAM
+#define MICROADAM_PF_PARAM 1  // L2 prefetch of the block's params for the update: 1 every 32-byte sector at the
+                              // block's start, 2 the window positions (staged rows, then the new row)
+#endif
+#ifndef MICROADAM_LEAN_TWOPASS
+#define MICROADAM_LEAN_TWOPASS 1  // 1: lean instance 2 also takes launches with second-pass tensors
 #endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
@@ -138,10 +145,14 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const int kj = (jb == (R.n + B - 1) / B - 1) ? R.k_last : KB;
     const int64_t col0 = jb * KB;
     const int row = (int)((R.step - 1) % m);
-    const bool onepass = LEAN || R.ws < 0;
+    const bool onepass = LEAN == 1 || (LEAN == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
     const int64_t q0 = base / Q;
     const unsigned r0 = (unsigned)(base - q0 * Q);
     const int nunits = (L + 7) / 8;
+    if (MICROADAM_PF_PARAM == 1) {
+      const int nbytes = L * (int)sizeof(P);
+      for (int o = 32 * tid; o < nbytes; o += 32 * THREADS) prefetch_l2(reinterpret_cast<const char*>(param + base) + o);
+    }
 
     // 1. Stage the window rows written in earlier steps (the current one is written below);
     // two entries per thread, both loaded before either is stored.
@@ -161,7 +172,11 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          if (dst[h] >= 0) { sidx[dst[h]] = li[h]; sval[dst[h]] = lv[h]; }
+          if (dst[h] >= 0) {
+            sidx[dst[h]] = li[h];
+            sval[dst[h]] = lv[h];
+            if (MICROADAM_PF_PARAM == 2 && (unsigned)li[h] < (unsigned)L) prefetch_l2(param + base + li[h]);
+          }
         }
       }
     }
@@ -219,13 +234,18 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         float bmax = 0.0f;
         for (int w = 0; w < NWARPS; ++w) bmax = fmaxf(bmax, red[w]);
         unsigned* ckey = reinterpret_cast<unsigned*>(a + S);
-        const int cap = (SA - S) / 2;  // (key, index) pairs
+        const int cap = S / 2;  // (key, index) pairs
         done = topk_cand(a, L, kj, bmax, hist, ckey, ckey + cap, cap, gi, gv, si, sv, sw, gcnt, wcount, bcast);
       }
       if (!done) {
         const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast, !fast);
         topk_write(a, L, thr.x, thr.y, gi, gv, si, sv, wcount);
       }
+    }
+
+    if (MICROADAM_PF_PARAM == 2 && (LEAN || A.win_smem)) {
+      const int16_t* si = sidx + row * KB;
+      for (int c = tid; c < kj; c += THREADS) prefetch_l2(param + base + si[c]);
     }
 
     if (MICROADAM_STOP_AFTER == 3) { __syncthreads(); continue; }
@@ -550,15 +570,17 @@ __global__ void commit_ranges_kernel(StepArgs A) {
   }
 }
 
-// The lean instance of pass 1 a launch can take (0: none): every tensor one pass, the fast
-// top-k, the staged window, the bitmask moments, no sweep (unless MICROADAM_LEAN & 4);
-// 1 when its quant blocks (8..256, a power of two) are fused with shuffles.
+// The lean instance of pass 1 a launch can take (0: none): the fast top-k, the staged window,
+// the bitmask moments, no sweep (unless MICROADAM_LEAN & 4), every tensor one pass (unless
+// MICROADAM_LEAN_TWOPASS: instance 2 keeps the per-tensor test); 1 when its quant blocks
+// (8..256, a power of two) are fused with shuffles.
 int lean_kind(const StepArgs& A) {
   const int Q = A.quant_block;
-  const bool lean = A.win_smem && A.ntensors2 == 0 && (!A.dense || (MICROADAM_LEAN & 4)) &&
+  const bool lean = A.win_smem && (!A.dense || (MICROADAM_LEAN & 4)) &&
                     A.topk_block <= ACC_DOUBLE_MAX && A.m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS &&
                     !MICROADAM_NO_FAST_TOPK;
   if (!lean) return 0;
+  if (A.ntensors2 > 0) return (MICROADAM_LEAN & 2) && MICROADAM_LEAN_TWOPASS ? 2 : 0;
   if ((MICROADAM_LEAN & 1) && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0) return 1;
   return (MICROADAM_LEAN & 2) ? 2 : 0;
 }
