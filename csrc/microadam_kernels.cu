@@ -1,8 +1,9 @@
 // Fused MicroAdam step kernels (docs/algorithm.md; spec: microadam_dist/ops/reference.py).
 //
 // Pass 1, one CUDA block per top-k block of any tensor in the launch table:
-//   prefetch the block's params into L2 (the update at the end reads them); stage the block's m window rows in shared memory; a = g + Q^-1(EF) into shared
-//   memory (16-byte loads); find the k-th largest |a| (topk.cuh); write the window row
+//   prefetch the block's params into L2 (the update at the end reads them); stage the
+//   block's m window rows in shared memory; a = g + Q^-1(EF) into shared memory (16-byte
+//   loads); find the k-th largest |a| (topk.cuh); write the window row
 //   ascending; zero the selected entries; per quant block min/max; requantize the EF
 //   (when quant blocks nest in the top-k block) or fold the block's min/max into a
 //   workspace for pass 2; then every distinct window position of the block rebuilds its
