@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--quant-blocks", default="64,100000")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=2, help="rounds over the variants, interleaved")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
@@ -63,7 +64,7 @@ def main():
         raise SystemExit("a variant failed to build")
     params = make_params(llama_shapes(4096, 11008, args.layers, 32000), torch.bfloat16)
     rows = []
-    for rep in range(2):  # twice, interleaved: the spread between repeats is the noise
+    for rep in range(args.reps):  # interleaved: the spread between repeats is the noise
         for name, flags in variants:
             mod = build(name, flags)
             builder.reset()

@@ -184,6 +184,39 @@ __device__ __forceinline__ unsigned quant_code_fast(float a, float lo, float sca
   return (unsigned)fminf(fmaxf(c, 0.0f), 15.0f);
 }
 
+// quant_code_fast of the 8 values of a unit in one quant block, code j at bits 4j (0 past
+// valid). The fast path runs for all 8; the few within 1e-5 of a rounding boundary are
+// redone by the exact division afterwards, one branch per unit instead of one per element.
+__device__ __forceinline__ unsigned quant_unit(const float (&v)[8], int valid, float lo, float scale, float inv,
+                                               bool stochastic, int64_t step, int64_t gi0) {
+  if (!(scale > 0.0f)) return 0u;
+  unsigned w = 0u, redo = 0u;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float q = __fmul_rn(__fsub_rn(v[j], lo), inv);
+    float c;
+    if (!stochastic) {
+      c = rintf(q);
+      redo |= (unsigned)(fabsf(fabsf(q - c) - 0.5f) < 1e-5f) << j;
+    } else {
+      const float s = __fadd_rn(q, hash_uniform(step, gi0 + j));
+      redo |= (unsigned)(fabsf(s - rintf(s)) < 1e-5f) << j;
+      c = floorf(s);
+    }
+    w |= (unsigned)fminf(fmaxf(c, 0.0f), 15.0f) << (4 * j);
+  }
+  const unsigned keep = valid >= 8 ? 0xffffffffu : (1u << (4 * valid)) - 1u;
+  redo &= (1u << valid) - 1u;
+  if (redo) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // unrolled: v stays in registers
+      if (redo & (1u << j))
+        w = (w & ~(15u << (4 * j))) | (quant_code(v[j], lo, scale, stochastic, step, gi0 + j) << (4 * j));
+    }
+  }
+  return w & keep;
+}
+
 // -- reductions ------------------------------------------------------------------------
 // Exclusive prefix sum over the block's threads (all threads must call it).
 __device__ inline unsigned block_excl_scan(unsigned v, unsigned* sw) {

@@ -39,6 +39,10 @@
 #ifndef MICROADAM_LEAN_TWOPASS
 #define MICROADAM_LEAN_TWOPASS 1  // 1: lean instance 2 also takes launches with second-pass tensors
 #endif
+#ifndef MICROADAM_OVH
+#define MICROADAM_OVH 1  // 1: per-block scalars (64-bit divisions) once by thread 0, shifts for power-of-two quant
+                         // blocks, e / kj by a multiply-high, codes of a unit with one rare-case branch
+#endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
 #endif
@@ -74,11 +78,13 @@ __device__ __forceinline__ void load_unit(const G* grad, const uint8_t* ef, int6
 
 // a_j = g_j + Q^-1(code_j) with the ranges of the quant blocks holding elements off..off+7
 // (off counted from the start of quant block q0).
+// POW2: Q is a power of two (shifts and masks instead of divisions).
+template <bool POW2>
 __device__ __forceinline__ void dequant_unit(const float (&g)[8], unsigned codes, const float* mins,
                                              const float* maxs, int64_t q0, unsigned off, int Q,
                                              int valid, float (&out)[8]) {
-  const int64_t q = q0 + off / (unsigned)Q;
-  if ((off % (unsigned)Q) + 8u <= (unsigned)Q) {
+  const int64_t q = q0 + (POW2 ? off >> (__ffs(Q) - 1) : off / (unsigned)Q);
+  if ((POW2 ? off & (unsigned)(Q - 1) : off % (unsigned)Q) + 8u <= (unsigned)Q) {
     const float lo = mins[q], scale = ef_scale(lo, maxs[q]);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = __fadd_rn(g[j], dequant_code((codes >> (4 * j)) & 15u, lo, scale));
@@ -100,6 +106,27 @@ __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w,
   } else {
     for (int b = 0; 2 * b < valid; ++b) ef[(g0 >> 1) + b] = (uint8_t)(w >> (8 * b));
   }
+}
+
+// Scalars of one top-k block, computed once by thread 0 (64-bit divisions) and read from
+// shared memory by the others (MICROADAM_OVH).
+struct BlockInfo {
+  int64_t base, q0, col0;
+  int L, kj, row;
+  unsigned r0, kdiv;  // kdiv: e / kj == __umulhi(e, kdiv) for 0 <= e < m * kj (0: divide)
+};
+
+__device__ __forceinline__ void block_info(const Rec& R, int64_t vb, int B, int KB, int Q, int m, BlockInfo& I) {
+  const int64_t jb = vb - R.start;
+  I.base = jb * B;
+  I.L = (int)min((int64_t)B, R.n - I.base);
+  I.kj = (jb == (R.n + B - 1) / B - 1) ? R.k_last : KB;
+  I.col0 = jb * KB;
+  I.row = (int)((R.step - 1) % m);
+  I.q0 = I.base / Q;
+  I.r0 = (unsigned)(I.base - I.q0 * Q);
+  // ceil(2^32 / kj): exact while e * kj <= 2^32 (e * (kdiv * kj - 2^32) < 2^32).
+  I.kdiv = I.kj > 1 && (uint64_t)m * I.kj * I.kj <= 0xFFFFFFFFull ? 0xFFFFFFFFu / (unsigned)I.kj + 1u : 0u;
 }
 
 // LEAN > 0: instances for launches where every tensor takes the fast top-k, the window rows
@@ -124,6 +151,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   int16_t* sidx = (LEAN || A.win_smem) ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
   __nv_bfloat16* sval = (LEAN || A.win_smem) ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
   __shared__ Rec R;
+  __shared__ BlockInfo BI;
   __shared__ unsigned sw[NWARPS];
   __shared__ unsigned wcount[2 * NWARPS];
   __shared__ unsigned gcnt[32];
@@ -135,20 +163,27 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   const bool use_mask = LEAN || (m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS);
 
   for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
-    if (tid == 0) find_record(A.table, A.ntensors, vb, R);
+    if (tid == 0) {
+      find_record(A.table, A.ntensors, vb, R);
+      if (MICROADAM_OVH) block_info(R, vb, B, KB, Q, m, BI);
+    }
     if (!fast) for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
     __syncthreads();
     P* param = reinterpret_cast<P*>(R.param);
     const G* grad = reinterpret_cast<const G*>(R.grad);
-    const int64_t jb = vb - R.start;
-    const int64_t base = jb * B;
-    const int L = (int)min((int64_t)B, R.n - base);
-    const int kj = (jb == (R.n + B - 1) / B - 1) ? R.k_last : KB;
-    const int64_t col0 = jb * KB;
-    const int row = (int)((R.step - 1) % m);
+    int64_t base, col0, q0;
+    int L, kj, row;
+    unsigned r0, kdiv;
+    if (MICROADAM_OVH) {
+      base = BI.base; col0 = BI.col0; q0 = BI.q0; L = BI.L; kj = BI.kj; row = BI.row; r0 = BI.r0; kdiv = BI.kdiv;
+    } else {
+      BlockInfo I;
+      block_info(R, vb, B, KB, Q, m, I);
+      base = I.base; col0 = I.col0; q0 = I.q0; L = I.L; kj = I.kj; row = I.row; r0 = I.r0; kdiv = 0u;
+    }
+    // Row of window entry e.
+    auto row_of = [&](int e) { return MICROADAM_OVH && kdiv ? (int)__umulhi((unsigned)e, kdiv) : e / kj; };
     const bool onepass = LEAN == 1 || (LEAN == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
-    const int64_t q0 = base / Q;
-    const unsigned r0 = (unsigned)(base - q0 * Q);
     const int nunits = (L + 7) / 8;
     if (MICROADAM_PF_PARAM == 1) {
       const int nbytes = L * (int)sizeof(P);
@@ -164,7 +199,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         int dst[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int e = e0 + h * THREADS, r = e / kj, c = e - r * kj;
+          const int e = e0 + h * THREADS, r = row_of(e), c = e - r * kj;
           dst[h] = e < m * kj && r != row ? r * KB + c : -1;
           if (dst[h] >= 0) {
             li[h] = R.win_idx[(int64_t)r * R.k_total + col0 + c];
@@ -204,9 +239,12 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         if (u >= nunits) continue;
         const int valid = min(8, L - 8 * u);
         float out[8];
-        dequant_unit(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
+        dequant_unit<LEAN == 1 && MICROADAM_OVH>(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
         store_unit(a + 8 * u, out, valid);
-        if (fast) {
+        if (fast && MICROADAM_OVH && valid == 8) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(out[j]));
+        } else if (fast) {
 #pragma unroll
           for (int j = 0; j < 8; ++j) amax = j < valid ? fmaxf(amax, fabsf(out[j])) : amax;
         } else {
@@ -255,7 +293,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     // hold one quant block's units; they reduce min/max by shuffles and quantize at once.
     const bool fused_q = LEAN == 1 || (onepass && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0);
     if (fused_q) {
-      const int seg = Q / 8;
+      const int seg = Q / 8, ssh = __ffs(seg) - 1;  // Q is a power of two here
       const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
       for (int u0 = 0; u0 < nunits; u0 += THREADS) {
         const int u = u0 + tid;
@@ -263,22 +301,31 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         float v[8];
         float mn = INFINITY, mx = -INFINITY;
         load_unit_smem(a + 8 * u, v, valid);
+        if (MICROADAM_OVH && valid == 8) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (j < valid) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
+          for (int j = 0; j < 8; ++j) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (j < valid) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
+          }
         }
         for (int o = 1; o < seg; o <<= 1) {
           mn = fminf(mn, __shfl_xor_sync(FULL, mn, o));
           mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));
         }
         if (valid > 0) {
-          const int64_t q = q0 + u / seg;
+          const int64_t q = q0 + (MICROADAM_OVH ? u >> ssh : u / seg);
           const float sc = ef_scale(mn, mx), inv = __frcp_rn(sc);
-          if (u % seg == 0) { R.ef_min[q] = mn; R.ef_max[q] = mx; }
+          if ((MICROADAM_OVH ? u & (seg - 1) : u % seg) == 0) { R.ef_min[q] = mn; R.ef_max[q] = mx; }
           unsigned w = 0;
+          if (MICROADAM_OVH) {
+            w = quant_unit(v, valid, mn, sc, inv, A.stochastic, R.step, base + 8 * u);
+          } else {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (j < valid) w |= quant_code_fast(v[j], mn, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
+            for (int j = 0; j < 8; ++j) {
+              if (j < valid) w |= quant_code_fast(v[j], mn, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
+            }
           }
           store_codes(R.ef, base + 8 * u, w, valid, vec_out);
         }
@@ -341,10 +388,14 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
           const float lo = smin[ql0], sc = sscale[ql0], inv = sinv[ql0];
           float v[8];
           load_unit_smem(a + 8 * u, v, valid);
+          if (MICROADAM_OVH) {
+            w = quant_unit(v, valid, lo, sc, inv, A.stochastic, R.step, base + 8 * u);
+          } else {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (j < valid)
-              w |= quant_code_fast(v[j], lo, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
+            for (int j = 0; j < 8; ++j) {
+              if (j < valid)
+                w |= quant_code_fast(v[j], lo, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
+            }
           }
         } else {
           for (int j = 0; j < valid; ++j) {
@@ -409,13 +460,13 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       __syncthreads();
       const int ne = m * kj;
       for (int e = tid; e < ne; e += THREADS) {
-        const int r = e / kj, c = e - r * kj;
+        const int r = row_of(e), c = e - r * kj;
         const int idx = wi0[r * rs + c];
         if ((unsigned)idx < (unsigned)L) atomicOr(&mask[idx], 1u << r);
       }
       __syncthreads();
       for (int e = tid; e < ne; e += THREADS) {
-        const int r = e / kj, c = e - r * kj;
+        const int r = row_of(e), c = e - r * kj;
         const int16_t* ri = wi0 + r * rs;
         const int idx = ri[c];
         // A repeated index in one row only occurs in a row never written (all zero).
@@ -524,7 +575,7 @@ __global__ void __launch_bounds__(THREADS) requant_kernel(StepArgs A) {
       float g[8], v[8];
       unsigned codes;
       load_unit(grad, R.ef, c0 + i0, valid, vec, g, codes);
-      dequant_unit(g, codes, R.ef_min, R.ef_max, q0, r0 + (unsigned)i0, Q, valid, v);
+      dequant_unit<false>(g, codes, R.ef_min, R.ef_max, q0, r0 + (unsigned)i0, Q, valid, v);
       unsigned w = 0;
       const unsigned off = r0 + (unsigned)i0;
       if (off % (unsigned)Q + 8u <= (unsigned)Q) {  // the unit lies in one quant block

@@ -184,8 +184,10 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
   const int rounds = (nunits + THREADS - 1) / THREADS;
   // 1. Per unit, 8 flags per rung (rung i in bits 8i..8i+7), kept in hist (free until
   // step 4); counts per rung, two 16-bit counts a word (L <= 8192).
-  const unsigned kr0 = mag_key(amax * 0.75f), kr1 = mag_key(amax * 0.55f), kr2 = mag_key(amax * 0.4f),
-                 kr3 = mag_key(amax * 0.28f);
+  // Rungs of at least 1: a zero key (and the zeros padding a partial unit) is never a candidate;
+  // when fewer than k keys are nonzero no rung fits and the general path decides.
+  const unsigned kr0 = max(mag_key(amax * 0.75f), 1u), kr1 = max(mag_key(amax * 0.55f), 1u),
+                 kr2 = max(mag_key(amax * 0.4f), 1u), kr3 = max(mag_key(amax * 0.28f), 1u);
   unsigned n01 = 0u, n23 = 0u;
   for (int h = 0; h < rounds; ++h) {
     const int u = h * THREADS + threadIdx.x;
@@ -195,10 +197,9 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
       float v[8];
       load_unit_smem(a + 8 * u, v, valid);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < 8; ++j) {  // v[j] == 0 past valid
         const unsigned key = mag_key(v[j]);
-        if (j < valid)
-          f |= ((key >= kr0) << j) | ((key >= kr1) << (8 + j)) | ((key >= kr2) << (16 + j)) | ((key >= kr3) << (24 + j));
+        f |= ((key >= kr0) << j) | ((key >= kr1) << (8 + j)) | ((key >= kr2) << (16 + j)) | ((key >= kr3) << (24 + j));
       }
       hist[u] = f;
     }
@@ -234,14 +235,24 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
     if (lane == 31) gcnt[h * NWARPS + warp] = incl;
   }
   __syncthreads();
-  // 3. List the candidates in index order (group g = h * NWARPS + warp covers units in order).
+  // 3. List the candidates in index order (group g = h * NWARPS + warp covers units in order);
+  // lane g of every warp holds the candidates of the groups before g (a scan of gcnt).
+  unsigned gbefore = lane < rounds * NWARPS ? gcnt[lane] : 0u;
+  {
+    const unsigned own = gbefore;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned y = __shfl_up_sync(FULL, gbefore, o);
+      if (lane >= o) gbefore += y;
+    }
+    gbefore -= own;
+  }
   for (int h = 0; h < rounds; ++h) {
     const int u = h * THREADS + threadIdx.x;
     const unsigned fb = u < nunits ? hist[u] : 0u;  // hist[u] past the units is stale
+    const unsigned before = __shfl_sync(FULL, gbefore, h * NWARPS + warp);
     if (!(fb & 255u)) continue;
-    const int g = h * NWARPS + warp;
-    unsigned pos = fb >> 8;
-    for (int j = 0; j < g; ++j) pos += gcnt[j];
+    unsigned pos = (fb >> 8) + before;
     const int i0 = 8 * u;
     for (unsigned f = fb & 255u; f; f &= f - 1) {
       const int i = i0 + __ffs(f) - 1;
