@@ -39,10 +39,6 @@
 #ifndef MICROADAM_LEAN_TWOPASS
 #define MICROADAM_LEAN_TWOPASS 1  // 1: lean instance 2 also takes launches with second-pass tensors
 #endif
-#ifndef MICROADAM_OVH
-#define MICROADAM_OVH 1  // 1: per-block scalars (64-bit divisions) once by thread 0, shifts for power-of-two quant
-                         // blocks, e / kj by a multiply-high, codes of a unit with one rare-case branch
-#endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
 #endif
@@ -109,7 +105,7 @@ __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w,
 }
 
 // Scalars of one top-k block, computed once by thread 0 (64-bit divisions) and read from
-// shared memory by the others (MICROADAM_OVH).
+// shared memory by the others.
 struct BlockInfo {
   int64_t base, q0, col0;
   int L, kj, row;
@@ -165,24 +161,17 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
     if (tid == 0) {
       find_record(A.table, A.ntensors, vb, R);
-      if (MICROADAM_OVH) block_info(R, vb, B, KB, Q, m, BI);
+      block_info(R, vb, B, KB, Q, m, BI);
     }
     if (!fast) for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
     __syncthreads();
     P* param = reinterpret_cast<P*>(R.param);
     const G* grad = reinterpret_cast<const G*>(R.grad);
-    int64_t base, col0, q0;
-    int L, kj, row;
-    unsigned r0, kdiv;
-    if (MICROADAM_OVH) {
-      base = BI.base; col0 = BI.col0; q0 = BI.q0; L = BI.L; kj = BI.kj; row = BI.row; r0 = BI.r0; kdiv = BI.kdiv;
-    } else {
-      BlockInfo I;
-      block_info(R, vb, B, KB, Q, m, I);
-      base = I.base; col0 = I.col0; q0 = I.q0; L = I.L; kj = I.kj; row = I.row; r0 = I.r0; kdiv = 0u;
-    }
+    const int64_t base = BI.base, col0 = BI.col0, q0 = BI.q0;
+    const int L = BI.L, kj = BI.kj, row = BI.row;
+    const unsigned r0 = BI.r0, kdiv = BI.kdiv;
     // Row of window entry e.
-    auto row_of = [&](int e) { return MICROADAM_OVH && kdiv ? (int)__umulhi((unsigned)e, kdiv) : e / kj; };
+    auto row_of = [&](int e) { return kdiv ? (int)__umulhi((unsigned)e, kdiv) : e / kj; };
     const bool onepass = LEAN == 1 || (LEAN == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
     const int nunits = (L + 7) / 8;
     if (MICROADAM_PF_PARAM == 1) {
@@ -239,9 +228,9 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         if (u >= nunits) continue;
         const int valid = min(8, L - 8 * u);
         float out[8];
-        dequant_unit<LEAN == 1 && MICROADAM_OVH>(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
+        dequant_unit<LEAN == 1>(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
         store_unit(a + 8 * u, out, valid);
-        if (fast && MICROADAM_OVH && valid == 8) {
+        if (fast && valid == 8) {
 #pragma unroll
           for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(out[j]));
         } else if (fast) {
@@ -301,7 +290,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         float v[8];
         float mn = INFINITY, mx = -INFINITY;
         load_unit_smem(a + 8 * u, v, valid);
-        if (MICROADAM_OVH && valid == 8) {
+        if (valid == 8) {
 #pragma unroll
           for (int j = 0; j < 8; ++j) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
         } else {
@@ -315,18 +304,10 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
           mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));
         }
         if (valid > 0) {
-          const int64_t q = q0 + (MICROADAM_OVH ? u >> ssh : u / seg);
+          const int64_t q = q0 + (u >> ssh);
           const float sc = ef_scale(mn, mx), inv = __frcp_rn(sc);
-          if ((MICROADAM_OVH ? u & (seg - 1) : u % seg) == 0) { R.ef_min[q] = mn; R.ef_max[q] = mx; }
-          unsigned w = 0;
-          if (MICROADAM_OVH) {
-            w = quant_unit(v, valid, mn, sc, inv, A.stochastic, R.step, base + 8 * u);
-          } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              if (j < valid) w |= quant_code_fast(v[j], mn, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
-            }
-          }
+          if ((u & (seg - 1)) == 0) { R.ef_min[q] = mn; R.ef_max[q] = mx; }
+          const unsigned w = quant_unit(v, valid, mn, sc, inv, A.stochastic, R.step, base + 8 * u);
           store_codes(R.ef, base + 8 * u, w, valid, vec_out);
         }
       }
@@ -388,15 +369,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
           const float lo = smin[ql0], sc = sscale[ql0], inv = sinv[ql0];
           float v[8];
           load_unit_smem(a + 8 * u, v, valid);
-          if (MICROADAM_OVH) {
-            w = quant_unit(v, valid, lo, sc, inv, A.stochastic, R.step, base + 8 * u);
-          } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              if (j < valid)
-                w |= quant_code_fast(v[j], lo, sc, inv, A.stochastic, R.step, base + 8 * u + j) << (4 * j);
-            }
-          }
+          w = quant_unit(v, valid, lo, sc, inv, A.stochastic, R.step, base + 8 * u);
         } else {
           for (int j = 0; j < valid; ++j) {
             const int i = 8 * u + j;
