@@ -33,8 +33,8 @@
                           // docs/performance.md)
 #endif
 #ifndef MICROADAM_PF_PARAM
-#define MICROADAM_PF_PARAM 1  // L2 prefetch of the block's params for the update: 1 every 32-byte sector at the
-                              // block's start, 2 the window positions (staged rows, then the new row)
+#define MICROADAM_PF_PARAM 1  // 1: L2 prefetch of every 32-byte sector of the block's params at its start (the
+                              // update reads them at the end); prefetching only the window positions was no better
 #endif
 #ifndef MICROADAM_LEAN_TWOPASS
 #define MICROADAM_LEAN_TWOPASS 1  // 1: lean instance 2 also takes launches with second-pass tensors
@@ -197,11 +197,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          if (dst[h] >= 0) {
-            sidx[dst[h]] = li[h];
-            sval[dst[h]] = lv[h];
-            if (MICROADAM_PF_PARAM == 2 && (unsigned)li[h] < (unsigned)L) prefetch_l2(param + base + li[h]);
-          }
+          if (dst[h] >= 0) { sidx[dst[h]] = li[h]; sval[dst[h]] = lv[h]; }
         }
       }
     }
@@ -269,11 +265,6 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast, !fast);
         topk_write(a, L, thr.x, thr.y, gi, gv, si, sv, wcount);
       }
-    }
-
-    if (MICROADAM_PF_PARAM == 2 && (LEAN || A.win_smem)) {
-      const int16_t* si = sidx + row * KB;
-      for (int c = tid; c < kj; c += THREADS) prefetch_l2(param + base + si[c]);
     }
 
     if (MICROADAM_STOP_AFTER == 3) { __syncthreads(); continue; }
@@ -555,10 +546,8 @@ __global__ void __launch_bounds__(THREADS) requant_kernel(StepArgs A) {
         const int64_t q = q0 + off / (unsigned)Q;
         const float lo = nmin[q], sc = ef_scale(lo, nmax[q]), inv = __frcp_rn(sc);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (j < valid)
-            w |= quant_code_fast(flag[i0 + j] ? 0.0f : v[j], lo, sc, inv, A.stochastic, R.step, c0 + i0 + j) << (4 * j);
-        }
+        for (int j = 0; j < 8; ++j) v[j] = j < valid && flag[i0 + j] ? 0.0f : v[j];
+        w = quant_unit(v, valid, lo, sc, inv, A.stochastic, R.step, c0 + i0);
       } else {
         for (int j = 0; j < valid; ++j) {
           const int64_t q = q0 + (off + (unsigned)j) / (unsigned)Q;
