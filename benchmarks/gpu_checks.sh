@@ -22,7 +22,7 @@ echo "jit build+env: $(( $(date +%s) - start )) s"
 wait
 echo "aot build+env: $(( $(date +%s) - start )) s"; grep -E "backend|prebuilt|aot exit|rror" "$OUT/aot_build.log" | tail -5
 if want tests; then
-  python3 -m pytest -q -p no:cacheprovider --maxfail=8 -rs tests/test_cuda_kernels.py tests/test_backend_fallback.py \
+  python3 -m pytest -q -p no:cacheprovider --maxfail=8 -rs tests/test_cuda_kernels.py tests/test_cuda_float_ops.py tests/test_backend_fallback.py \
     ${kexpr:+-k "$kexpr"} 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "^(FAILED|ERROR|SKIPPED|E  )|passed|failed" | head -40
   echo "tests done: $(( $(date +%s) - start )) s"
 fi

@@ -15,7 +15,17 @@
 
 namespace microadam {
 
-constexpr int THREADS = 256;
+#ifndef MICROADAM_THREADS
+#define MICROADAM_THREADS 256  // threads per block of every kernel (128 measured slower: docs/performance.md)
+#endif
+#ifndef MICROADAM_RCP_APPROX
+#define MICROADAM_RCP_APPROX 1  // 1: the reciprocal of a quant block's scale by rcp.approx (see scale_inv)
+#endif
+#ifndef MICROADAM_DIV15
+#define MICROADAM_DIV15 1  // 1: ef_scale by a reciprocal and one correction (0: the IEEE division)
+#endif
+
+constexpr int THREADS = MICROADAM_THREADS;
 constexpr int NWARPS = THREADS / 32;
 constexpr unsigned FULL = 0xffffffffu;
 
@@ -130,7 +140,23 @@ __device__ __forceinline__ void load_unit_smem(const float* s, float (&v)[8], in
 }
 
 // -- error feedback ------------------------------------------------------------------
-__device__ __forceinline__ float ef_scale(float lo, float hi) { return __fdiv_rn(__fsub_rn(hi, lo), 15.0f); }
+// RN((hi - lo) / 15). MICROADAM_DIV15: q0 = RN(d * RN(1/15)) is within one ulp of d / 15, the
+// residual r = d - 15 q0 is exact in an FMA, and RN(q0 + r * RN(1/15)) is the correctly rounded
+// quotient (Markstein's theorem); tests/test_cuda_div15.py checks it against the IEEE division
+// for all 2^32 floats (d = +-inf: the residual is NaN and q0 the quotient; the residual is
+// computed negated so that d = -0 gives -0, as the division does).
+__device__ __forceinline__ float div15(float d) {
+#if MICROADAM_DIV15
+  constexpr float kInv15 = 1.0f / 15.0f;
+  const float q0 = __fmul_rn(d, kInv15);
+  const float t = __fmaf_rn(q0, 15.0f, -d);  // -(residual), exact; +0 for d = -0, so that q keeps the sign
+  const float q = __fmaf_rn(t, -kInv15, q0);
+  return t == t ? q : q0;
+#else
+  return __fdiv_rn(d, 15.0f);
+#endif
+}
+__device__ __forceinline__ float ef_scale(float lo, float hi) { return div15(__fsub_rn(hi, lo)); }
 
 // min + code * scale, a product then a sum (no FMA), as reference.dequantize_ef.
 __device__ __forceinline__ float dequant_code(unsigned c, float lo, float scale) {
@@ -163,12 +189,29 @@ __device__ __forceinline__ unsigned quant_code(float a, float lo, float scale, b
   return (unsigned)c;
 }
 
-// The same code as quant_code from a reciprocal instead of a division: q = d * (1/scale)
-// is within 4e-6 of RN(d / scale) for q in [0, 15], so the rounded code can only differ
-// when q (or q + xi) lies that close to a rounding boundary; then the exact division decides.
+// The reciprocal of a scale for quant_code_fast / quant_unit, which need it only within one
+// float step of the correctly rounded 1 / scale (below). MICROADAM_RCP_APPROX: the hardware
+// approximation rcp.approx.f32 (subnormals kept; tests/test_cuda_float_ops.py checks the one
+// step for every positive float), else the correctly rounded reciprocal.
+__device__ __forceinline__ float scale_inv(float scale) {
+#if MICROADAM_RCP_APPROX
+  float r;
+  asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(scale));
+  return r;
+#else
+  return __frcp_rn(scale);
+#endif
+}
+
+// The same code as quant_code from a reciprocal instead of a division: with inv within one
+// float step of RN(1 / scale) (1.5 ulp of 1 / scale), q = RN(d * inv) is within 5e-6 of
+// RN(d / scale) for q in [0, 15] (15 * (1.5 * 2^-23 + 2^-24) + 2^-20), and q + xi rounds to
+// within another 2^-20, so the code can only differ when q (or q + xi) lies within 1e-5 of a
+// rounding boundary; then the exact division decides. An infinite inv (scale < 2^-128) always does.
 __device__ __forceinline__ unsigned quant_code_fast(float a, float lo, float scale, float inv,
                                                     bool stochastic, int64_t step, int64_t gi) {
   if (!(scale > 0.0f)) return 0u;
+  if (!(inv < INFINITY)) return quant_code(a, lo, scale, stochastic, step, gi);  // 1 / scale overflowed
   const float d = __fsub_rn(a, lo);
   const float q = __fmul_rn(d, inv);
   float c;
@@ -190,7 +233,7 @@ __device__ __forceinline__ unsigned quant_code_fast(float a, float lo, float sca
 __device__ __forceinline__ unsigned quant_unit(const float (&v)[8], int valid, float lo, float scale, float inv,
                                                bool stochastic, int64_t step, int64_t gi0) {
   if (!(scale > 0.0f)) return 0u;
-  unsigned w = 0u, redo = 0u;
+  unsigned w = 0u, redo = inv < INFINITY ? 0u : 0xffu;  // 1 / scale overflowed (scale < 2^-128): all exact
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const float q = __fmul_rn(__fsub_rn(v[j], lo), inv);

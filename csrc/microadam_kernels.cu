@@ -27,10 +27,9 @@
 #define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
 #endif
 #ifndef MICROADAM_LEAN
-#define MICROADAM_LEAN 3  // lean instances of pass 1 for common launches (lean_kind): bit 0 the one with
+#define MICROADAM_LEAN 7  // lean instances of pass 1 for common launches (lean_kind): bit 0 the one with
                           // quant blocks fused by shuffles, bit 1 the one for other one-pass quant blocks,
-                          // bit 2: both also take launches with the dense sweep (weight decay; not kept:
-                          // docs/performance.md)
+                          // bit 2: a twin of each with the dense sweep, for launches with weight decay
 #endif
 #ifndef MICROADAM_PF_PARAM
 #define MICROADAM_PF_PARAM 1  // 1: L2 prefetch of every 32-byte sector of the block's params at its start (the
@@ -127,8 +126,8 @@ __device__ __forceinline__ void block_info(const Rec& R, int64_t vb, int B, int 
 
 // LEAN > 0: instances for launches where every tensor takes the fast top-k, the window rows
 // staged in shared memory, the bitmask moments, one pass, and no dense sweep (lean_kind;
-// MICROADAM_LEAN & 4 keeps the sweep in them);
-// LEAN == 1 also fuses quant blocks by shuffles. The other paths are compiled out of them.
+// LEAN & 4: the twins that keep the sweep, for weight decay);
+// LEAN & 3 == 1 also fuses quant blocks by shuffles. The other paths are compiled out of them.
 template <typename P, typename G, int LEAN>
 __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update_kernel(StepArgs A) {
   extern __shared__ float4 smem_raw[];
@@ -172,7 +171,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const unsigned r0 = BI.r0, kdiv = BI.kdiv;
     // Row of window entry e.
     auto row_of = [&](int e) { return kdiv ? (int)__umulhi((unsigned)e, kdiv) : e / kj; };
-    const bool onepass = LEAN == 1 || (LEAN == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
+    const bool onepass = (LEAN & 3) == 1 || ((LEAN & 3) == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
     const int nunits = (L + 7) / 8;
     if (MICROADAM_PF_PARAM == 1) {
       const int nbytes = L * (int)sizeof(P);
@@ -224,7 +223,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         if (u >= nunits) continue;
         const int valid = min(8, L - 8 * u);
         float out[8];
-        dequant_unit<LEAN == 1>(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
+        dequant_unit<(LEAN & 3) == 1>(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
         store_unit(a + 8 * u, out, valid);
         if (fast && valid == 8) {
 #pragma unroll
@@ -271,7 +270,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
 
     // 4+5 fused, for small power-of-two quant blocks in one pass: Q/8 consecutive lanes
     // hold one quant block's units; they reduce min/max by shuffles and quantize at once.
-    const bool fused_q = LEAN == 1 || (onepass && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0);
+    const bool fused_q = (LEAN & 3) == 1 || (onepass && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0);
     if (fused_q) {
       const int seg = Q / 8, ssh = __ffs(seg) - 1;  // Q is a power of two here
       const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
@@ -296,7 +295,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         }
         if (valid > 0) {
           const int64_t q = q0 + (u >> ssh);
-          const float sc = ef_scale(mn, mx), inv = __frcp_rn(sc);
+          const float sc = ef_scale(mn, mx), inv = scale_inv(sc);
           if ((u & (seg - 1)) == 0) { R.ef_min[q] = mn; R.ef_max[q] = mx; }
           const unsigned w = quant_unit(v, valid, mn, sc, inv, A.stochastic, R.step, base + 8 * u);
           store_codes(R.ef, base + 8 * u, w, valid, vec_out);
@@ -311,7 +310,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         const float sc = ef_scale(mn, mx);
         smin[ql] = mn;
         sscale[ql] = sc;
-        sinv[ql] = __frcp_rn(sc);
+        sinv[ql] = scale_inv(sc);
         R.ef_min[q0 + ql] = mn;
         R.ef_max[q0 + ql] = mx;
       } else {
@@ -448,7 +447,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         }
         update(idx, s1, s2);
       }
-      if ((!LEAN || (MICROADAM_LEAN & 4)) && A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
+      if ((!LEAN || (LEAN & 4)) && A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
       __syncthreads();
     } else {
       // Row by row (m > 32), over chunks of the block whose two sums fit in a; acc2 < 0
@@ -544,7 +543,7 @@ __global__ void __launch_bounds__(THREADS) requant_kernel(StepArgs A) {
       const unsigned off = r0 + (unsigned)i0;
       if (off % (unsigned)Q + 8u <= (unsigned)Q) {  // the unit lies in one quant block
         const int64_t q = q0 + off / (unsigned)Q;
-        const float lo = nmin[q], sc = ef_scale(lo, nmax[q]), inv = __frcp_rn(sc);
+        const float lo = nmin[q], sc = ef_scale(lo, nmax[q]), inv = scale_inv(sc);
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = j < valid && flag[i0 + j] ? 0.0f : v[j];
         w = quant_unit(v, valid, lo, sc, inv, A.stochastic, R.step, c0 + i0);
@@ -585,18 +584,19 @@ __global__ void commit_ranges_kernel(StepArgs A) {
 }
 
 // The lean instance of pass 1 a launch can take (0: none): the fast top-k, the staged window,
-// the bitmask moments, no sweep (unless MICROADAM_LEAN & 4), every tensor one pass (unless
-// MICROADAM_LEAN_TWOPASS: instance 2 keeps the per-tensor test); 1 when its quant blocks
-// (8..256, a power of two) are fused with shuffles.
+// the bitmask moments, every tensor one pass (unless MICROADAM_LEAN_TWOPASS: instance 2 keeps
+// the per-tensor test); 1 when its quant blocks (8..256, a power of two) are fused with
+// shuffles; plus 4 for the twin with the dense sweep (weight decay) when MICROADAM_LEAN & 4.
 int lean_kind(const StepArgs& A) {
   const int Q = A.quant_block;
   const bool lean = A.win_smem && (!A.dense || (MICROADAM_LEAN & 4)) &&
                     A.topk_block <= ACC_DOUBLE_MAX && A.m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS &&
                     !MICROADAM_NO_FAST_TOPK;
   if (!lean) return 0;
-  if (A.ntensors2 > 0) return (MICROADAM_LEAN & 2) && MICROADAM_LEAN_TWOPASS ? 2 : 0;
-  if ((MICROADAM_LEAN & 1) && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0) return 1;
-  return (MICROADAM_LEAN & 2) ? 2 : 0;
+  const int sweep = A.dense ? 4 : 0;
+  if (A.ntensors2 > 0) return (MICROADAM_LEAN & 2) && MICROADAM_LEAN_TWOPASS ? 2 | sweep : 0;
+  if ((MICROADAM_LEAN & 1) && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0) return 1 | sweep;
+  return (MICROADAM_LEAN & 2) ? 2 | sweep : 0;
 }
 
 template <typename P, typename G, int LEAN>
@@ -628,11 +628,18 @@ cudaError_t launch_pass2(const StepArgs& A, cudaStream_t s) {
 template <typename P, typename G>
 cudaError_t dispatch_lean(const StepArgs& A, cudaStream_t s) {
   if constexpr (std::is_same<P, G>::value || std::is_same<P, float>::value) {
+    const int kind = lean_kind(A);
 #if MICROADAM_LEAN & 1
-    if (lean_kind(A) == 1) return launch_pass1<P, G, 1>(A, s);
+    if (kind == 1) return launch_pass1<P, G, 1>(A, s);
+#if MICROADAM_LEAN & 4
+    if (kind == 5) return launch_pass1<P, G, 5>(A, s);
+#endif
 #endif
 #if MICROADAM_LEAN & 2
-    if (lean_kind(A) == 2) return launch_pass1<P, G, 2>(A, s);
+    if (kind == 2) return launch_pass1<P, G, 2>(A, s);
+#if MICROADAM_LEAN & 4
+    if (kind == 6) return launch_pass1<P, G, 6>(A, s);
+#endif
 #endif
   }
   return launch_pass1<P, G, 0>(A, s);

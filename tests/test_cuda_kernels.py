@@ -190,6 +190,16 @@ def test_sparse_gradient_falls_back_to_the_general_top_k(seed):
     _zero_ef_step([8192, 4097, 300], torch.bfloat16, torch.bfloat16, seed, sparse)
 
 
+@pytest.mark.parametrize("ef_rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("quant_block", [64, 1000, 4096, 100000])
+def test_subnormal_ef_ranges(quant_block, ef_rounding, seed):
+    """float32 gradients of about 1e-39 (subnormal): the EF's scale (max - min) / 15 falls
+    below 2^-128, where its reciprocal overflows, so codes must come from the division."""
+    _zero_ef_step([8192 + 40, 4097, 300], torch.float32, torch.float32, seed,
+                  lambda n, gen: torch.randn(n, generator=gen) * 1e-39, quant_block=quant_block,
+                  ef_rounding=ef_rounding)
+
+
 @pytest.mark.parametrize("quant_block", [64, 4096, 100000])
 def test_gradient_scale_jumps_between_steps(quant_block, seed):
     """Steps from real windows (each block's previous row guides its top-k) while the
