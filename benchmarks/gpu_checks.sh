@@ -41,6 +41,8 @@ if want ncu; then
   ncu -i /tmp/prof.ncu-rep > "$OUT/ncu_details.txt" 2>&1
   ncu -i /tmp/prof.ncu-rep --page source --csv --print-source sass > /tmp/sass.csv 2> "$OUT/ncu_src_err.txt"
   python3 benchmarks/ncu_top_lines.py /tmp/sass.csv --top 45 > "$OUT/ncu_top_lines.txt" 2>&1
+  ncu -i /tmp/prof.ncu-rep --page source --csv --print-source cuda,sass > /tmp/src.csv 2>> "$OUT/ncu_src_err.txt"
+  python3 benchmarks/ncu_cuda_lines.py /tmp/src.csv > "$OUT/ncu_cuda_lines.txt" 2>&1
   grep -E "Duration|Executed Instructions  |Eligible Warps|Achieved Occupancy|Warp Cycles Per Issued" "$OUT/ncu_details.txt"
   head -30 "$OUT/ncu_top_lines.txt"
   echo "ncu done: $(( $(date +%s) - start )) s"

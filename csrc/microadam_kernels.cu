@@ -16,7 +16,8 @@
 #include <climits>
 #include <type_traits>
 
-// Compile-time variants, measured by benchmarks/kernel_variants.py; the defaults are the build.
+// Compile-time variants, measured by benchmarks/kernel_variants.py; the defaults are the build
+// (MICROADAM_THREADS, MICROADAM_DIV15 and MICROADAM_RCP_APPROX are in common.cuh).
 #ifndef MICROADAM_NO_FAST_TOPK
 #define MICROADAM_NO_FAST_TOPK 0  // 1: always the general threshold path of the top-k
 #endif
