@@ -25,8 +25,8 @@ SOURCE = r"""
 #include <cmath>
 #include "common.cuh"
 
-// For bit patterns [lo, lo + count): how many differ from the IEEE quotient (NaN == NaN)
-// and the lowest such pattern (0xffffffff when none); out[i] = div15 of pattern lo + i.
+// Bit patterns [lo, lo + count) where div15 differs from the IEEE quotient (NaN == NaN):
+// counted in *bad, the lowest in *first (0xffffffff when none).
 __global__ void check_kernel(unsigned long long lo, unsigned long long count, unsigned long long* bad,
                              unsigned* first) {
   for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < count;
@@ -59,25 +59,20 @@ __global__ void rcp_kernel(unsigned long long lo, unsigned long long count, unsi
   }
 }
 
-std::vector<int64_t> check_rcp() {
+// Runs a check kernel over bit patterns [0, total): {mismatches, lowest mismatching pattern}.
+using CheckKernel = void (*)(unsigned long long, unsigned long long, unsigned long long*, unsigned*);
+std::vector<int64_t> run_check(CheckKernel kernel, unsigned long long total) {
   auto bad = torch::zeros({1}, torch::dtype(torch::kInt64).device(torch::kCUDA));
   auto first = torch::full({1}, -1, torch::dtype(torch::kInt32).device(torch::kCUDA));
-  const unsigned long long total = 1ull << 31, chunk = 1ull << 30;
+  const unsigned long long chunk = 1ull << 30;
   for (unsigned long long lo = 0; lo < total; lo += chunk)
-    rcp_kernel<<<4096, 256>>>(lo, chunk, reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()),
-                              reinterpret_cast<unsigned*>(first.data_ptr<int32_t>()));
+    kernel<<<4096, 256>>>(lo, chunk, reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()),
+                          reinterpret_cast<unsigned*>(first.data_ptr<int32_t>()));
   return {bad.item<int64_t>(), (int64_t)(uint32_t)first.item<int32_t>()};
 }
 
-std::vector<int64_t> check_all() {
-  auto bad = torch::zeros({1}, torch::dtype(torch::kInt64).device(torch::kCUDA));
-  auto first = torch::full({1}, -1, torch::dtype(torch::kInt32).device(torch::kCUDA));
-  const unsigned long long total = 1ull << 32, chunk = 1ull << 30;
-  for (unsigned long long lo = 0; lo < total; lo += chunk)
-    check_kernel<<<4096, 256>>>(lo, chunk, reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()),
-                                reinterpret_cast<unsigned*>(first.data_ptr<int32_t>()));
-  return {bad.item<int64_t>(), (int64_t)(uint32_t)first.item<int32_t>()};
-}
+std::vector<int64_t> check_all() { return run_check(check_kernel, 1ull << 32); }
+std::vector<int64_t> check_rcp() { return run_check(rcp_kernel, 1ull << 31); }
 
 torch::Tensor apply(torch::Tensor d) {
   auto out = torch::full_like(d, NAN);  // poisoned
