@@ -25,38 +25,41 @@ SOURCE = r"""
 #include <cmath>
 #include "common.cuh"
 
-// Bit patterns [lo, lo + count) where div15 differs from the IEEE quotient (NaN == NaN):
-// counted in *bad, the lowest in *first (0xffffffff when none).
+// Grid-stride over bit patterns [lo, lo + count): those failing Check are counted in *bad,
+// the lowest in *first (0xffffffff when none).
+template <typename Check>
 __global__ void check_kernel(unsigned long long lo, unsigned long long count, unsigned long long* bad,
                              unsigned* first) {
   for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < count;
        i += (unsigned long long)gridDim.x * blockDim.x) {
     const unsigned bits = (unsigned)(lo + i);
-    const float d = __uint_as_float(bits);
-    const float want = __fdiv_rn(d, 15.0f), got = microadam::div15(d);
-    const bool same = (want != want && got != got) || __float_as_uint(want) == __float_as_uint(got);
-    if (!same) { atomicAdd(bad, 1ull); atomicMin(first, bits); }
+    if (!Check()(bits)) { atomicAdd(bad, 1ull); atomicMin(first, bits); }
   }
 }
+
+// div15 equals the IEEE quotient (NaN == NaN).
+struct Div15IsQuotient {
+  __device__ bool operator()(unsigned bits) const {
+    const float d = __uint_as_float(bits);
+    const float want = __fdiv_rn(d, 15.0f), got = microadam::div15(d);
+    return (want != want && got != got) || __float_as_uint(want) == __float_as_uint(got);
+  }
+};
+
+// For a positive finite x: scale_inv(x) at most one float step from __frcp_rn(x), and +inf
+// where that overflows.
+struct RcpWithinOneStep {
+  __device__ bool operator()(unsigned bits) const {
+    const float x = __uint_as_float(bits);
+    if (!(x > 0.0f) || x == INFINITY || x != x) return true;
+    const unsigned want = __float_as_uint(__frcp_rn(x)), got = __float_as_uint(microadam::scale_inv(x));
+    return want == 0x7f800000u ? got == want : (got + 1u >= want && got <= want + 1u);
+  }
+};
 
 __global__ void apply_kernel(const float* d, float* out, long long n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     out[i] = microadam::div15(d[i]);
-}
-
-// Positive patterns [lo, lo + count): scale_inv more than one float step from __frcp_rn, or
-// not +inf where __frcp_rn overflows.
-__global__ void rcp_kernel(unsigned long long lo, unsigned long long count, unsigned long long* bad,
-                           unsigned* first) {
-  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < count;
-       i += (unsigned long long)gridDim.x * blockDim.x) {
-    const unsigned bits = (unsigned)(lo + i);
-    const float x = __uint_as_float(bits);
-    if (!(x > 0.0f) || x == INFINITY || x != x) continue;
-    const unsigned want = __float_as_uint(__frcp_rn(x)), got = __float_as_uint(microadam::scale_inv(x));
-    const bool ok = want == 0x7f800000u ? got == want : (got + 1u >= want && got <= want + 1u);
-    if (!ok) { atomicAdd(bad, 1ull); atomicMin(first, bits); }
-  }
 }
 
 // Runs a check kernel over bit patterns [0, total): {mismatches, lowest mismatching pattern}.
@@ -71,8 +74,8 @@ std::vector<int64_t> run_check(CheckKernel kernel, unsigned long long total) {
   return {bad.item<int64_t>(), (int64_t)(uint32_t)first.item<int32_t>()};
 }
 
-std::vector<int64_t> check_all() { return run_check(check_kernel, 1ull << 32); }
-std::vector<int64_t> check_rcp() { return run_check(rcp_kernel, 1ull << 31); }
+std::vector<int64_t> check_all() { return run_check(check_kernel<Div15IsQuotient>, 1ull << 32); }
+std::vector<int64_t> check_rcp() { return run_check(check_kernel<RcpWithinOneStep>, 1ull << 31); }
 
 torch::Tensor apply(torch::Tensor d) {
   auto out = torch::full_like(d, NAN);  // poisoned
