@@ -142,7 +142,7 @@ __device__ __forceinline__ void load_unit_smem(const float* s, float (&v)[8], in
 // -- error feedback ------------------------------------------------------------------
 // RN((hi - lo) / 15). MICROADAM_DIV15: q0 = RN(d * RN(1/15)) is within one ulp of d / 15, the
 // residual r = d - 15 q0 is exact in an FMA, and RN(q0 + r * RN(1/15)) is the correctly rounded
-// quotient (Markstein's theorem); tests/test_cuda_div15.py checks it against the IEEE division
+// quotient (Markstein's theorem); tests/test_cuda_float_ops.py checks it against the IEEE division
 // for all 2^32 floats (d = +-inf: the residual is NaN and q0 the quotient; the residual is
 // computed negated so that d = -0 gives -0, as the division does).
 __device__ __forceinline__ float div15(float d) {

@@ -5,9 +5,9 @@ pattern (GPU only; skipped without CUDA).
   the IEEE quotient `__fdiv_rn(d, 15)` for all 2^32 inputs, and, for a fresh random sample,
   to float64 division rounded to float32 on the CPU (d / 15 is never a float32 midpoint:
   15 * (an odd multiple of half a float32 ulp) has more than 24 bits).
-- `scale_inv` (MICROADAM_RCP_APPROX=1): the bound quant_code_fast relies on, at most one
-  float32 step from the correctly rounded reciprocal `__frcp_rn` for every positive float
-  whose reciprocal is finite, and +inf where that overflows.
+- `scale_inv` (MICROADAM_RCP_APPROX=1): the bound quant_unit and quant_code_fast rely on,
+  at most one float32 step from the correctly rounded reciprocal `__frcp_rn` for every
+  positive float whose reciprocal is finite, and +inf where that overflows.
 """
 
 from pathlib import Path
@@ -74,7 +74,7 @@ std::vector<int64_t> run_check(CheckKernel kernel, unsigned long long total) {
   return {bad.item<int64_t>(), (int64_t)(uint32_t)first.item<int32_t>()};
 }
 
-std::vector<int64_t> check_all() { return run_check(check_kernel<Div15IsQuotient>, 1ull << 32); }
+std::vector<int64_t> check_div15() { return run_check(check_kernel<Div15IsQuotient>, 1ull << 32); }
 std::vector<int64_t> check_rcp() { return run_check(check_kernel<RcpWithinOneStep>, 1ull << 31); }
 
 torch::Tensor apply(torch::Tensor d) {
@@ -88,16 +88,16 @@ torch::Tensor apply(torch::Tensor d) {
 @pytest.fixture(scope="module")
 def ext():
     from torch.utils.cpp_extension import load_inline
-    decls = ("std::vector<int64_t> check_all();\nstd::vector<int64_t> check_rcp();\n"
+    decls = ("std::vector<int64_t> check_div15();\nstd::vector<int64_t> check_rcp();\n"
              "torch::Tensor apply(torch::Tensor d);")
     return load_inline(name="microadam_float_ops_check", cpp_sources=decls, cuda_sources=SOURCE,
-                       functions=["check_all", "check_rcp", "apply"], extra_include_paths=[str(CSRC)],
+                       functions=["check_div15", "check_rcp", "apply"], extra_include_paths=[str(CSRC)],
                        extra_cuda_cflags=["-O3", "-std=c++17", "-DMICROADAM_DIV15=1", "-DMICROADAM_RCP_APPROX=1"],
                        verbose=False)
 
 
 def test_div15_is_the_ieee_quotient_for_every_float(ext):
-    bad, first = ext.check_all()
+    bad, first = ext.check_div15()
     assert bad == 0, f"{bad} bit patterns differ, the lowest 0x{first:08x}"
 
 
