@@ -21,7 +21,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from step_bench import llama_shapes, make_params, step_times  # noqa: E402
+from step_bench import host_ms, kernel_ms, llama_shapes, make_params, step_times  # noqa: E402
 from microadam_dist import MicroAdam  # noqa: E402
 from microadam_dist.ops import builder  # noqa: E402
 
@@ -32,15 +32,30 @@ def build(name: str, flags: list[str]):
     return cpp_extension.load(
         name=f"{builder.EXT_NAME}_{builder._sources_digest(src)}_{name}",
         sources=[str(src / s) for s in builder.SOURCES], extra_include_paths=[str(src)],
-        extra_cflags=builder.CXX_FLAGS, extra_cuda_cflags=builder.NVCC_FLAGS + flags, verbose=False)
+        # The flags reach the C++ binding too: it exports constants (CHUNK2) that the host reads.
+        extra_cflags=builder.CXX_FLAGS + flags, extra_cuda_cflags=builder.NVCC_FLAGS + flags, verbose=False)
 
 
-def time_steps(params, quant_block: int, steps: int, wd: float) -> float:
+def time_steps(params, quant_block: int, steps: int, wd: float, kernels: bool = False):
+    """Median step ms, and with kernels=True the device ms of each kernel in one more step."""
     opt = MicroAdam(params, lr=1e-4, m=10, density=0.01, quant_block=quant_block, weight_decay=wd,
                     backend="cuda", nonfinite="off")
     for _ in range(3):
         opt.step()
-    return statistics.median(step_times(opt, steps))
+    ms = statistics.median(step_times(opt, steps))
+    return ms, (kernel_ms(opt) if kernels else None), host_ms(opt)
+
+
+def host_ms(opt, steps: int = 7) -> float:
+    """Median host milliseconds until opt.step() returns, started on an idle GPU."""
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(1e3 * (time.perf_counter() - t0))
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def main():
@@ -51,6 +66,7 @@ def main():
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--reps", type=int, default=2, help="rounds over the variants, interleaved")
     ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--kernels", action="store_true", help="also the device time of each kernel (torch.profiler)")
     ap.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -70,9 +86,11 @@ def main():
             builder.reset()
             builder._cache.update(module=mod, how=f"variant {name}")
             for q in map(int, args.quant_blocks.split(",")):
-                ms = time_steps(params, q, args.steps, args.weight_decay)
-                rows.append(dict(variant=name, flags=flags, quant_block=q, rep=rep, median_ms=ms))
-                print(f"{name:<12} q={q:<7} rep {rep}: {ms:8.2f} ms", flush=True)
+                ms, kms, hms = time_steps(params, q, args.steps, args.weight_decay, args.kernels)
+                rows.append(dict(variant=name, flags=flags, quant_block=q, rep=rep, median_ms=ms,
+                                 host_ms=hms, **({"kernels_ms": kms} if kms is not None else {})))
+                ks = "  " + ", ".join(f"{k.split('::')[-1]} {v:.2f}" for k, v in kms.items() if v >= 0.01) if kms else ""
+                print(f"{name:<12} q={q:<7} rep {rep}: {ms:8.2f} ms, host {hms:.2f}{ks}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), layers=args.layers, rows=rows), f, indent=2)

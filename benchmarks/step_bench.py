@@ -8,8 +8,10 @@ AdamW of the same param dtype measured in the same run.
 
     python benchmarks/step_bench.py --out benchmarks/results/step_bench_h100.json
 
-Columns: median step ms; state bytes per param (all optimizer state tensors);
-transient MiB (peak memory during a step above the memory held before it).
+Columns: median step ms; GPU ms (the step's kernels, torch.profiler, one more step);
+host ms (until step() returns, started on an idle GPU: the GPU waits that long for the
+first launch); state bytes per param (all optimizer state tensors); transient MiB (peak
+memory during a step above the memory held before it).
 """
 
 from __future__ import annotations
@@ -81,6 +83,32 @@ def step_times(opt, steps: int) -> list[float]:
     return times
 
 
+def kernel_ms(opt) -> dict[str, float]:
+    """Device milliseconds per kernel (name up to its template arguments) of one step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name.replace("(anonymous namespace)::", "").replace("void ", "")
+            name = name.split("<")[0].split("(")[0].strip()
+            out[name] = out.get(name, 0.0) + e.time_range.elapsed_us() / 1e3
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def host_ms(opt, steps: int = 7) -> float:
+    """Median host milliseconds until opt.step() returns, started on an idle GPU."""
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(1e3 * (time.perf_counter() - t0))
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def time_row(kind, dtype, shapes, args):
     params = make_params(shapes, dtype)
     nparams = sum(p.numel() for p in params)
@@ -92,8 +120,11 @@ def time_row(kind, dtype, shapes, args):
     torch.cuda.reset_peak_memory_stats()
     times = step_times(opt, args.steps)
     transient = torch.cuda.max_memory_allocated() - held
+    kms = kernel_ms(opt)
     row = dict(optimizer=kind, param_dtype=str(dtype).replace("torch.", ""), params=nparams,
                median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+               gpu_ms=sum(v for k, v in kms.items() if not k.startswith("Memcpy")), kernels_ms=kms,
+               host_ms=host_ms(opt),
                state_bytes_per_param=state_bytes(opt) / nparams,
                transient_mib=transient / 2**20)
     del opt, params
@@ -150,11 +181,12 @@ def main():
                   steps=args.steps, weight_decay=args.weight_decay, nonfinite=args.nonfinite, rows=rows)
     print(f"\n{result['device']}, {rows[0]['params'] / 1e9:.3f} B params, copy "
           f"{result['copy_bytes_per_s'] / 1e12:.2f} TB/s, wd={args.weight_decay}")
-    print(f"{'optimizer':<24}{'dtype':<10}{'median ms':>10}{'x fused':>9}{'state B/p':>11}{'transient MiB':>15}")
+    print(f"{'optimizer':<24}{'dtype':<10}{'median ms':>10}{'x fused':>9}{'GPU ms':>8}{'host ms':>9}"
+          f"{'state B/p':>11}{'transient MiB':>15}")
     for r in rows:
         ratio = f"{r['ratio_to_adamw_fused']:.3f}" if r["ratio_to_adamw_fused"] else "-"
-        print(f"{r['optimizer']:<24}{r['param_dtype']:<10}{r['median_ms']:>10.2f}{ratio:>9}"
-              f"{r['state_bytes_per_param']:>11.3f}{r['transient_mib']:>15.1f}")
+        print(f"{r['optimizer']:<24}{r['param_dtype']:<10}{r['median_ms']:>10.2f}{ratio:>9}{r['gpu_ms']:>8.2f}"
+              f"{r['host_ms']:>9.2f}{r['state_bytes_per_param']:>11.3f}{r['transient_mib']:>15.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -43,13 +43,41 @@ struct Rec {
 };
 
 // Thread 0: the record whose F_START range holds virtual block vb (binary search).
+__device__ inline void fill_record(const int64_t* t, Rec& r);
 __device__ inline void find_record(const int64_t* table, int ntensors, int64_t vb, Rec& r) {
   int lo = 0, hi = ntensors - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
     if (table[(int64_t)mid * REC + F_START] <= vb) lo = mid; else hi = mid - 1;
   }
-  const int64_t* t = table + (int64_t)lo * REC;
+  fill_record(table + (int64_t)lo * REC, r);
+}
+
+// All lanes of one warp: the same record as find_record, from one round of loads per 128
+// records (starts ascend; the last record whose start is <= vb holds it), then lane 0 fills r.
+__device__ inline void find_record_warp(const int64_t* table, int ntensors, int64_t vb, Rec& r) {
+  const int lane = threadIdx.x & 31;
+  int lo = 0;
+  for (int b = 0; b < ntensors; b += 128) {
+    int64_t st[4];
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const int i = b + 32 * h + lane;
+      st[h] = i < ntensors ? table[(int64_t)i * REC + F_START] : INT64_MAX;
+    }
+    bool past = false;
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const unsigned bal = __ballot_sync(0xffffffffu, st[h] <= vb);
+      if (bal) lo = b + 32 * h + 31 - __clz(bal);
+      past = past || bal != 0xffffffffu;
+    }
+    if (past) break;
+  }
+  if (lane == 0) fill_record(table + (int64_t)lo * REC, r);
+}
+
+__device__ inline void fill_record(const int64_t* t, Rec& r) {
   r.param = reinterpret_cast<void*>(t[F_PARAM]);
   r.grad = reinterpret_cast<const void*>(t[F_GRAD]);
   r.ef = reinterpret_cast<uint8_t*>(t[F_EF]);

@@ -39,6 +39,9 @@
 #ifndef MICROADAM_LEAN_TWOPASS
 #define MICROADAM_LEAN_TWOPASS 1  // 1: lean instance 2 also takes launches with second-pass tensors
 #endif
+#ifndef MICROADAM_P2_MIN_BLOCKS
+#define MICROADAM_P2_MIN_BLOCKS 6  // __launch_bounds__ of pass 2: resident blocks per SM (4, 5, 7, 8 measured slower)
+#endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
 #endif
@@ -502,30 +505,35 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
 }
 
 // Pass 2: EF of tensors whose quant blocks straddle top-k blocks, CHUNK2 elements per block.
+// Its blocks are short and wait on chains of loads, so the chain is kept short: warp 0 finds
+// the record by ballots (one round of loads, not a binary search's chain), the chunk's window
+// entries are marked in one round, and 6 resident blocks per SM keep more chunks in flight
+// (docs/performance.md, session 9). This step's window positions are bits: unit u's 8 flags
+// are byte u & 3 of word u / 4.
 template <typename G>
-__global__ void __launch_bounds__(THREADS) requant_kernel(StepArgs A) {
-  __shared__ uint8_t flag[CHUNK2];
+__global__ void __launch_bounds__(THREADS, MICROADAM_P2_MIN_BLOCKS) requant_kernel(StepArgs A) {
+  __shared__ unsigned flagw[CHUNK2 / 32];
   __shared__ Rec R;
-  const int B = A.topk_block, Q = A.quant_block, m = A.m, tid = threadIdx.x;
+  const int B = A.topk_block, Q = A.quant_block, m = A.m, KB = A.k_block, tid = threadIdx.x;
   for (int64_t vc = blockIdx.x; vc < A.total_chunks2; vc += gridDim.x) {
-    if (tid == 0) find_record(A.table2, A.ntensors2, vc, R);
+    if (tid < 32) find_record_warp(A.table2, A.ntensors2, vc, R);
+    for (int i = tid; i < CHUNK2 / 32; i += THREADS) flagw[i] = 0u;
     __syncthreads();
     const G* grad = reinterpret_cast<const G*>(R.grad);
     const int64_t c0 = (vc - R.start) * CHUNK2;
     const int len = (int)min((int64_t)CHUNK2, R.n - c0);
-    for (int i = tid; i < len; i += THREADS) flag[i] = 0;
-    __syncthreads();
-    // Mark this step's window entries (row (t-1) mod m) that fall in the chunk.
+    // Mark this step's window entries (row (t-1) mod m) that fall in the chunk: every
+    // (top-k block, column) pair of the chunk at once.
     const int row = (int)((R.step - 1) % m);
     const int64_t nbt = (R.n + B - 1) / B;
     const int64_t jb0 = c0 / B, jb1 = (c0 + len - 1) / B;
-    for (int64_t jb = jb0; jb <= jb1; ++jb) {
-      const int kj = (jb == nbt - 1) ? R.k_last : A.k_block;
-      const int16_t* ri = R.win_idx + (int64_t)row * R.k_total + jb * A.k_block;
-      for (int c = tid; c < kj; c += THREADS) {
-        const int64_t pos = jb * B + ri[c] - c0;
-        if (pos >= 0 && pos < len) flag[pos] = 1;
-      }
+    const int npairs = (int)(jb1 - jb0 + 1) * KB;
+    for (int t = tid; t < npairs; t += THREADS) {
+      const int64_t jb = jb0 + t / KB;
+      const int c = t - (int)(jb - jb0) * KB;
+      if (c >= ((jb == nbt - 1) ? R.k_last : KB)) continue;
+      const int64_t pos = jb * B + R.win_idx[(int64_t)row * R.k_total + jb * KB + c] - c0;
+      if (pos >= 0 && pos < len) atomicOr(&flagw[pos >> 5], 1u << (pos & 31));
     }
     __syncthreads();
     const int64_t q0 = c0 / Q;
@@ -536,22 +544,23 @@ __global__ void __launch_bounds__(THREADS) requant_kernel(StepArgs A) {
     const int nunits = (len + 7) / 8;
     for (int u = tid; u < nunits; u += THREADS) {
       const int i0 = 8 * u, valid = min(8, len - i0);
+      const unsigned off = r0 + (unsigned)i0;
       float g[8], v[8];
       unsigned codes;
       load_unit(grad, R.ef, c0 + i0, valid, vec, g, codes);
-      dequant_unit<false>(g, codes, R.ef_min, R.ef_max, q0, r0 + (unsigned)i0, Q, valid, v);
+      dequant_unit<false>(g, codes, R.ef_min, R.ef_max, q0, off, Q, valid, v);
+      const unsigned fl = (flagw[u >> 2] >> (8 * (u & 3))) & 255u;
       unsigned w = 0;
-      const unsigned off = r0 + (unsigned)i0;
       if (off % (unsigned)Q + 8u <= (unsigned)Q) {  // the unit lies in one quant block
         const int64_t q = q0 + off / (unsigned)Q;
-        const float lo = nmin[q], sc = ef_scale(lo, nmax[q]), inv = scale_inv(sc);
+        const float lo = nmin[q], sc = ef_scale(lo, nmax[q]);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = j < valid && flag[i0 + j] ? 0.0f : v[j];
-        w = quant_unit(v, valid, lo, sc, inv, A.stochastic, R.step, c0 + i0);
+        for (int j = 0; j < 8; ++j) v[j] = (fl >> j) & 1u ? 0.0f : v[j];
+        w = quant_unit(v, valid, lo, sc, scale_inv(sc), A.stochastic, R.step, c0 + i0);
       } else {
         for (int j = 0; j < valid; ++j) {
           const int64_t q = q0 + (off + (unsigned)j) / (unsigned)Q;
-          const float x = flag[i0 + j] ? 0.0f : v[j];
+          const float x = (fl >> j) & 1u ? 0.0f : v[j];
           w |= quant_code(x, nmin[q], ef_scale(nmin[q], nmax[q]), A.stochastic, R.step, c0 + i0 + j) << (4 * j);
         }
       }

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import MicroAdamConfig, normalize_kwargs
 from .layout import STATE_KEYS, Layout
@@ -64,9 +63,12 @@ class MicroAdam(torch.optim.Optimizer):
         given.update(aliases)
         config = MicroAdamConfig.from_kwargs(**given)
         self.nonfinite_skips = 0
-        # param -> (its state's layout tensor, numel and block hyper-parameters, Layout): the
-        # layout check of _state_for, skipped while neither the state nor the group changed.
-        self._layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # id(param) -> (its state's layout tensor, numel and block hyper-parameters, Layout):
+        # the layout check of _state_for, skipped while neither the state nor the group
+        # changed. Keyed by id, not by a weak dictionary (four Python calls a lookup, on the
+        # host time of every step): an id reused by a later tensor meets another state,
+        # whose layout tensor is not the one held here, so the check runs again.
+        self._layouts: dict[int, tuple] = {}
         super().__init__(params, config.as_dict())
 
     # -- param groups ---------------------------------------------------------------
@@ -152,7 +154,7 @@ class MicroAdam(torch.optim.Optimizer):
         """The param's state (created on its first step) and its layout, checked against the
         layout the param and its group need now. The check is cached per state object."""
         state = self.state[p]
-        cached = self._layouts.get(p)
+        cached = self._layouts.get(id(p))
         key = (p_local.numel(), config.topk_block, config.density, config.quant_block, config.m)
         if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
             return state, cached[2]
@@ -165,7 +167,7 @@ class MicroAdam(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"MicroAdam state of {self._name(where)} has layout [{have.describe()}] but the param "
                     f"and its group now need [{expected.describe()}]; {RESHARD_HINT}")
-        self._layouts[p] = (state["layout"], key, expected)
+        self._layouts[id(p)] = (state["layout"], key, expected)
         return state, expected
 
     def _gradients_ok(self, work) -> bool:
@@ -198,7 +200,7 @@ class MicroAdam(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_layouts", WeakIdKeyDictionary())
+        self.__dict__.setdefault("_layouts", {})
         self.__dict__.setdefault("nonfinite_skips", 0)
 
     # -- state dict ---------------------------------------------------------------

@@ -25,7 +25,6 @@ from .reference import StepHyper
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 REC = 16
-CHUNK2 = 8192
 # Second-pass workspace: two float32 ranges per quant block of the tensors that need it.
 WORKSPACE_BYTES = 64 * 2**20
 F_PARAM, F_GRAD, F_EF, F_EF_MIN, F_EF_MAX, F_WIN_IDX, F_WIN_VAL, F_N, F_K_TOTAL, F_K_LAST, \
@@ -57,14 +56,25 @@ def resolve(name: str, device: torch.device, run_reference: Callable) -> tuple[s
     return "cuda", functools.partial(run_cuda, module, fallback=run_reference)
 
 
+_STATE_TENSORS = ("ef", "ef_min", "ef_max", "win_idx", "win_val")
+
+
 def _kernel_can_take(job) -> bool:
+    # Written out (no generator): this runs for every tensor of every step, on the host
+    # time during which the GPU waits for the launch.
     p, g, st = job.param, job.grad, job.state
     if p.dtype not in DTYPES or g.dtype not in DTYPES or not p.is_cuda:
         return False
-    if not (p.is_contiguous() and g.is_contiguous()) or g.device != p.device:
+    if not (p.is_contiguous() and g.is_contiguous()):
         return False
-    return all(st[k].is_contiguous() and st[k].device == p.device
-               for k in ("ef", "ef_min", "ef_max", "win_idx", "win_val"))
+    dev = p.get_device()  # an index (cheaper than torch.device objects); p is on CUDA
+    if g.get_device() != dev:
+        return False
+    for k in _STATE_TENSORS:
+        t = st[k]
+        if not t.is_contiguous() or t.get_device() != dev:
+            return False
+    return True
 
 
 def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
@@ -96,14 +106,16 @@ def _needs_second_pass(module, lay: Layout) -> bool:
 
 
 def _workspace_batches(module, group: list):
-    """Split a group so that each launch's second-pass workspace stays within WORKSPACE_BYTES."""
+    """Split a group so that each launch's second-pass workspace stays within WORKSPACE_BYTES.
+    Yields lists of (job, needs the second pass)."""
     batch, used = [], 0
     for job in group:
-        need = 8 * job.layout.n_quant_blocks if _needs_second_pass(module, job.layout) else 0
+        two = _needs_second_pass(module, job.layout)
+        need = 8 * job.layout.n_quant_blocks if two else 0
         if batch and used + need > WORKSPACE_BYTES:
             yield batch
             batch, used = [], 0
-        batch.append(job)
+        batch.append((job, two))
         used += need
     if batch:
         yield batch
@@ -123,48 +135,44 @@ def _coef_bits(beta1: float, beta2: float, step: int) -> int:
     return struct.unpack("<q", struct.pack("<ff", c1, c2))[0]
 
 
-def _launch(module, jobs: list, hp: StepHyper) -> None:
-    lay0 = jobs[0].layout
-    device = jobs[0].param.device
+assert (F_N, F_START, F_WS, REC) == (7, 10, 13, 16), "the record literal of _launch follows these fields"
+
+
+def _launch(module, batch: list, hp: StepHyper) -> None:
+    job0 = batch[0][0]
+    lay0 = job0.layout
+    device = job0.param.device
     rows, rows2 = [], []
     start = chunks = ws_off = 0
-    for job in jobs:
+    chunk2 = module.CHUNK2  # elements per pass-2 block, as built
+    b1, b2 = hp.beta1, hp.beta2
+    for job, two in batch:
         lay, st = job.layout, job.state
         step = int(st["step"])
-        rec = [0] * REC
-        rec[F_PARAM] = job.param.data_ptr()
-        rec[F_GRAD] = job.grad.data_ptr()
-        rec[F_EF] = st["ef"].data_ptr()
-        rec[F_EF_MIN] = st["ef_min"].data_ptr()
-        rec[F_EF_MAX] = st["ef_max"].data_ptr()
-        rec[F_WIN_IDX] = st["win_idx"].data_ptr()
-        rec[F_WIN_VAL] = st["win_val"].data_ptr()
-        rec[F_N] = lay.n
-        rec[F_K_TOTAL] = lay.k_total
-        rec[F_K_LAST] = lay.k_last
-        rec[F_START] = start
-        rec[F_STEP] = step
-        rec[F_COEF] = _coef_bits(hp.beta1, hp.beta2, step)
-        rec[F_WS] = -1
-        if _needs_second_pass(module, lay):
+        # Fields in the order of F_PARAM .. F_WS, then the two reserved ones (REC in all).
+        rec = [job.param.data_ptr(), job.grad.data_ptr(), st["ef"].data_ptr(), st["ef_min"].data_ptr(),
+               st["ef_max"].data_ptr(), st["win_idx"].data_ptr(), st["win_val"].data_ptr(),
+               lay.n, lay.k_total, lay.k_last, start, step, _coef_bits(b1, b2, step), -1, 0, 0]
+        if two:
             rec[F_WS] = ws_off
             ws_off += lay.n_quant_blocks
-            rec2 = list(rec)
+            rec2 = rec.copy()
             rec2[F_START] = chunks
-            chunks += -(-lay.n // CHUNK2)
+            chunks += -(-lay.n // chunk2)
             rows2.append(rec2)
         start += lay.n_topk_blocks
         rows.append(rec)
-    table = _to_device(rows, device)
-    table2 = _to_device(rows2 or [[0] * REC], device)
+    # Both tables in one host-to-device copy (table2 holds one dummy record when empty).
+    both = _to_device(rows + (rows2 or [[0] * REC]), device)
+    table, table2 = both[:REC * len(rows)], both[REC * len(rows):]
     ws = torch.empty(2 * max(ws_off, 1), dtype=torch.float32, device=device)
     wd = float(hp.weight_decay)
     module.step(table, len(rows), start, table2, len(rows2), chunks,
-                _beta_powers(float(hp.beta1), float(hp.beta2), lay0.m, device), ws,
+                _beta_powers(float(b1), float(b2), lay0.m, device), ws,
                 lay0.topk_block, lay0.k_block, lay0.quant_block, lay0.m,
                 float(hp.lr), float(1.0 - hp.lr * wd), wd != 0.0, float(hp.eps),
                 hp.ef_rounding == "stochastic", wd != 0.0 or float(hp.eps) == 0.0,
-                DTYPES[jobs[0].param.dtype], DTYPES[jobs[0].grad.dtype])
+                DTYPES[job0.param.dtype], DTYPES[job0.grad.dtype])
 
 
 def _to_device(rows: list, device: torch.device) -> torch.Tensor:
