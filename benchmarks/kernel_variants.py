@@ -46,18 +46,6 @@ def time_steps(params, quant_block: int, steps: int, wd: float, kernels: bool = 
     return ms, (kernel_ms(opt) if kernels else None), host_ms(opt)
 
 
-def host_ms(opt, steps: int = 7) -> float:
-    """Median host milliseconds until opt.step() returns, started on an idle GPU."""
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(1e3 * (time.perf_counter() - t0))
-    torch.cuda.synchronize()
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="base:")

@@ -34,10 +34,11 @@ enum Field : int {
 
 enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
-// Elements per virtual block of the second (EF requantization) pass; a multiple of 32,
+// Elements per virtual block of the second (EF requantization) pass (4096 and 8192 measured
+// slower: docs/performance.md, session 9); a multiple of 32,
 // so that no EF byte straddles two chunks (and the bit flags of pass 2 fill whole words).
 #ifndef MICROADAM_CHUNK2
-#define MICROADAM_CHUNK2 8192
+#define MICROADAM_CHUNK2 16384
 #endif
 constexpr int CHUNK2 = MICROADAM_CHUNK2;
 static_assert(CHUNK2 % 32 == 0, "CHUNK2: a multiple of 32");
