@@ -16,10 +16,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from kernel_variants import build  # noqa: E402
+from kernel_variants import use_variant  # noqa: E402
 from step_bench import host_ms, kernel_ms, llama_shapes, make_params  # noqa: E402
 from microadam_dist import MicroAdam  # noqa: E402
-from microadam_dist.ops import builder  # noqa: E402
 
 
 def main():
@@ -32,8 +31,7 @@ def main():
     args = ap.parse_args()
     if args.variant:
         name, flags = args.variant.split(":", 1)
-        builder.reset()
-        builder._cache.update(module=build(name, flags.split()), how=f"variant {name}")
+        use_variant(name, flags.split())
     params = make_params(llama_shapes(4096, 11008, args.layers, 32000), torch.bfloat16)
     opt = MicroAdam(params, lr=1e-4, quant_block=args.quant_block, backend="cuda", nonfinite="off")
     for _ in range(3):

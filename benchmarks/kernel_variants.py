@@ -36,6 +36,13 @@ def build(name: str, flags: list[str]):
         extra_cflags=builder.CXX_FLAGS + flags, extra_cuda_cflags=builder.NVCC_FLAGS + flags, verbose=False)
 
 
+def use_variant(name: str, flags: list[str]) -> None:
+    """Build variant `name` (if not cached) and make it the module every MicroAdam step uses."""
+    mod = build(name, flags)
+    builder.reset()
+    builder._cache.update(module=mod, how=f"variant {name}")
+
+
 def time_steps(params, quant_block: int, steps: int, wd: float, kernels: bool = False):
     """Median step ms, and with kernels=True the device ms of each kernel in one more step."""
     opt = MicroAdam(params, lr=1e-4, m=10, density=0.01, quant_block=quant_block, weight_decay=wd,
@@ -70,9 +77,7 @@ def main():
     rows = []
     for rep in range(args.reps):  # interleaved: the spread between repeats is the noise
         for name, flags in variants:
-            mod = build(name, flags)
-            builder.reset()
-            builder._cache.update(module=mod, how=f"variant {name}")
+            use_variant(name, flags)
             for q in map(int, args.quant_blocks.split(",")):
                 ms, kms, hms = time_steps(params, q, args.steps, args.weight_decay, args.kernels)
                 rows.append(dict(variant=name, flags=flags, quant_block=q, rep=rep, median_ms=ms,

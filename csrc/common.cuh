@@ -42,8 +42,27 @@ struct Rec {
   float c1, c2;
 };
 
+// The record at t (a launch-table row of REC fields), unpacked.
+__device__ inline void fill_record(const int64_t* t, Rec& r) {
+  r.param = reinterpret_cast<void*>(t[F_PARAM]);
+  r.grad = reinterpret_cast<const void*>(t[F_GRAD]);
+  r.ef = reinterpret_cast<uint8_t*>(t[F_EF]);
+  r.ef_min = reinterpret_cast<float*>(t[F_EF_MIN]);
+  r.ef_max = reinterpret_cast<float*>(t[F_EF_MAX]);
+  r.win_idx = reinterpret_cast<int16_t*>(t[F_WIN_IDX]);
+  r.win_val = reinterpret_cast<__nv_bfloat16*>(t[F_WIN_VAL]);
+  r.n = t[F_N];
+  r.k_total = t[F_K_TOTAL];
+  r.k_last = (int)t[F_K_LAST];
+  r.start = t[F_START];
+  r.step = t[F_STEP];
+  const uint64_t coef = (uint64_t)t[F_COEF];
+  r.c1 = __uint_as_float((unsigned)(coef & 0xffffffffu));
+  r.c2 = __uint_as_float((unsigned)(coef >> 32));
+  r.ws = t[F_WS];
+}
+
 // Thread 0: the record whose F_START range holds virtual block vb (binary search).
-__device__ inline void fill_record(const int64_t* t, Rec& r);
 __device__ inline void find_record(const int64_t* table, int ntensors, int64_t vb, Rec& r) {
   int lo = 0, hi = ntensors - 1;
   while (lo < hi) {
@@ -75,25 +94,6 @@ __device__ inline void find_record_warp(const int64_t* table, int ntensors, int6
     if (past) break;
   }
   if (lane == 0) fill_record(table + (int64_t)lo * REC, r);
-}
-
-__device__ inline void fill_record(const int64_t* t, Rec& r) {
-  r.param = reinterpret_cast<void*>(t[F_PARAM]);
-  r.grad = reinterpret_cast<const void*>(t[F_GRAD]);
-  r.ef = reinterpret_cast<uint8_t*>(t[F_EF]);
-  r.ef_min = reinterpret_cast<float*>(t[F_EF_MIN]);
-  r.ef_max = reinterpret_cast<float*>(t[F_EF_MAX]);
-  r.win_idx = reinterpret_cast<int16_t*>(t[F_WIN_IDX]);
-  r.win_val = reinterpret_cast<__nv_bfloat16*>(t[F_WIN_VAL]);
-  r.n = t[F_N];
-  r.k_total = t[F_K_TOTAL];
-  r.k_last = (int)t[F_K_LAST];
-  r.start = t[F_START];
-  r.step = t[F_STEP];
-  const uint64_t coef = (uint64_t)t[F_COEF];
-  r.c1 = __uint_as_float((unsigned)(coef & 0xffffffffu));
-  r.c2 = __uint_as_float((unsigned)(coef >> 32));
-  r.ws = t[F_WS];
 }
 
 // -- dtypes ------------------------------------------------------------------------
