@@ -63,11 +63,12 @@ class MicroAdam(torch.optim.Optimizer):
         given.update(aliases)
         config = MicroAdamConfig.from_kwargs(**given)
         self.nonfinite_skips = 0
-        # id(param) -> (its state's layout tensor, numel and block hyper-parameters, Layout):
-        # the layout check of _state_for, skipped while neither the state nor the group
-        # changed. Keyed by id, not by a weak dictionary (four Python calls a lookup, on the
-        # host time of every step): an id reused by a later tensor meets another state,
-        # whose layout tensor is not the one held here, so the check runs again.
+        # id(param) -> (its state's layout tensor, numel and block hyper-parameters, Layout,
+        # the backend's memo): the layout check of _state_for, skipped while neither the
+        # state nor the group changed. Keyed by id, not by a weak dictionary (four Python
+        # calls a lookup, on the host time of every step): an id reused by a later tensor
+        # meets another state, whose layout tensor is not the one held here, so the check
+        # runs again (with a fresh memo).
         self._layouts: dict[int, tuple] = {}
         super().__init__(params, config.as_dict())
 
@@ -122,9 +123,10 @@ class MicroAdam(torch.optim.Optimizer):
             for p, p_local, g_local, where in items:
                 if p_local.numel() == 0:  # e.g. an FSDP rank that holds no part of this param
                     continue
-                state, layout = self._state_for(p, p_local, config, where)
+                state, layout, memo = self._state_for(p, p_local, config, where)
                 steps.append(state["step"])
-                by_device.setdefault(p_local.device, []).append(ShardJob(p_local, g_local, state, layout, where))
+                by_device.setdefault(p_local.device, []).append(
+                    ShardJob(p_local, g_local, state, layout, where, memo))
             if steps:
                 torch._foreach_add_(steps, 1)  # one call for every (CPU) step counter
             for device, jobs in by_device.items():
@@ -150,14 +152,15 @@ class MicroAdam(torch.optim.Optimizer):
         raise RuntimeError(f"gradient shape {tuple(grad.shape)} differs from its param: {name}")
 
     def _state_for(self, p: torch.Tensor, p_local: torch.Tensor, config: MicroAdamConfig,
-                   where: tuple[int, int]) -> tuple[dict, Layout]:
-        """The param's state (created on its first step) and its layout, checked against the
-        layout the param and its group need now. The check is cached per state object."""
+                   where: tuple[int, int]) -> tuple[dict, Layout, dict]:
+        """The param's state (created on its first step), its layout, checked against the
+        layout the param and its group need now, and the backend's memo for it. The check
+        is cached per state object."""
         state = self.state[p]
         cached = self._layouts.get(id(p))
         key = (p_local.numel(), config.topk_block, config.density, config.quant_block, config.m)
         if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
-            return state, cached[2]
+            return state, cached[2], cached[3]
         expected = Layout.for_numel(p_local.numel(), config)
         if not state:
             state.update(expected.new_state(p_local.device))
@@ -167,8 +170,9 @@ class MicroAdam(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"MicroAdam state of {self._name(where)} has layout [{have.describe()}] but the param "
                     f"and its group now need [{expected.describe()}]; {RESHARD_HINT}")
-        self._layouts[id(p)] = (state["layout"], key, expected)
-        return state, expected
+        memo: dict = {}
+        self._layouts[id(p)] = (state["layout"], key, expected, memo)
+        return state, expected, memo
 
     def _gradients_ok(self, work) -> bool:
         """False when the step must be skipped; raises in "raise" mode. One host sync.

@@ -18,13 +18,16 @@ from .reference import StepHyper
 
 class ShardJob(NamedTuple):
     """One tensor's work in a step: param and grad are any shape (viewed flat), state per
-    layout.py; `where` = (group index, param index) in the optimizer's param_groups."""
+    layout.py; `where` = (group index, param index) in the optimizer's param_groups;
+    `memo`: a dict the optimizer keeps per param across steps, where a backend may cache
+    what it derives from the state (it validates what it reads back)."""
 
     param: torch.Tensor
     grad: torch.Tensor
     state: dict
     layout: Layout
     where: tuple
+    memo: dict | None = None
 
 
 def run_reference(jobs: list[ShardJob], hp: StepHyper) -> None:

@@ -12,6 +12,7 @@ run through the reference.
 
 from __future__ import annotations
 
+import array
 import functools
 import struct
 import warnings
@@ -59,22 +60,58 @@ def resolve(name: str, device: torch.device, run_reference: Callable) -> tuple[s
 _STATE_TENSORS = ("ef", "ef_min", "ef_max", "win_idx", "win_val")
 
 
-def _kernel_can_take(job) -> bool:
-    # Written out (no generator): this runs for every tensor of every step, on the host
-    # time during which the GPU waits for the launch.
+def _entry(job, module):
+    """The job's launch entry, or None when the kernels cannot take it now.
+
+    An entry holds what stays fixed while the state's tensors and the layout do: those
+    tensors (checked by identity each step), their device index, their pointers, the
+    layout's sizes and whether the EF needs the second pass. It is kept in the job's memo
+    (owned by the optimizer, one per param), so a step costs a few calls per tensor. The
+    param and the grad are checked and their pointers read every step (a `.data`
+    reassignment or a new grad changes them); the state's tensors are replaced, never
+    rebound in place, by the optimizer and the checkpoint code.
+    """
+    # Written out (no generator, no torch.device objects): this runs for every tensor of
+    # every step, on the host time during which the GPU waits for the launch.
     p, g, st = job.param, job.grad, job.state
-    if p.dtype not in DTYPES or g.dtype not in DTYPES or not p.is_cuda:
-        return False
-    if not (p.is_contiguous() and g.is_contiguous()):
-        return False
-    dev = p.get_device()  # an index (cheaper than torch.device objects); p is on CUDA
-    if g.get_device() != dev:
-        return False
-    for k in _STATE_TENSORS:
-        t = st[k]
-        if not t.is_contiguous() or t.get_device() != dev:
-            return False
-    return True
+    if p.dtype not in DTYPES or g.dtype not in DTYPES or not (p.is_contiguous() and g.is_contiguous()):
+        return None
+    memo = job.memo
+    ent = memo.get("cuda") if memo is not None else None
+    if (ent is None or ent.ef is not st["ef"] or ent.ef_min is not st["ef_min"] or ent.ef_max is not st["ef_max"]
+            or ent.win_idx is not st["win_idx"] or ent.win_val is not st["win_val"] or ent.layout is not job.layout):
+        ent = _Entry.of(job, module)
+        if ent is None:
+            return None
+        if memo is not None:
+            memo["cuda"] = ent
+    dev = ent.dev
+    if p.get_device() != dev or g.get_device() != dev:
+        return None
+    return ent
+
+
+class _Entry:
+    """What the launch needs of a job that stays fixed with its state's tensors and layout."""
+
+    __slots__ = _STATE_TENSORS + ("layout", "dev", "fields", "blocks", "two", "n_topk_blocks", "n_quant_blocks")
+
+    @classmethod
+    def of(cls, job, module) -> "_Entry | None":
+        """None when the state's tensors are not contiguous on one CUDA device."""
+        st, lay = job.state, job.layout
+        tensors = [st[k] for k in _STATE_TENSORS]
+        dev = tensors[0].get_device()
+        if dev < 0 or not all(t.is_contiguous() and t.get_device() == dev for t in tensors):
+            return None
+        ent = cls()
+        ent.ef, ent.ef_min, ent.ef_max, ent.win_idx, ent.win_val = tensors
+        ent.layout, ent.dev = lay, dev
+        ent.fields = [t.data_ptr() for t in tensors] + [lay.n, lay.k_total, lay.k_last]  # F_EF .. F_K_LAST
+        ent.blocks = (lay.topk_block, lay.k_block, lay.quant_block, lay.m)  # of the launch group's key
+        ent.two = not _one_pass(module, lay.n, lay.topk_block, lay.quant_block)  # the EF's second pass
+        ent.n_topk_blocks, ent.n_quant_blocks = lay.n_topk_blocks, lay.n_quant_blocks
+        return ent
 
 
 def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
@@ -82,15 +119,17 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
     groups: dict[tuple, list] = {}
     rest = []
     for job in jobs:
-        if not _kernel_can_take(job):
+        ent = _entry(job, module)
+        if ent is None:
             rest.append(job)
             continue
-        lay = job.layout
-        key = (job.param.device, job.param.dtype, job.grad.dtype, lay.topk_block, lay.k_block,
-               lay.quant_block, lay.m)
-        groups.setdefault(key, []).append(job)
+        key = (ent.dev, job.param.dtype, job.grad.dtype, ent.blocks)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = group = []
+        group.append((job, ent))
     for key, group in groups.items():
-        for batch in _workspace_batches(module, group):
+        for batch in _workspace_batches(group):
             _launch(module, batch, hp)
     if rest:
         fallback(rest, hp)
@@ -101,21 +140,16 @@ def _one_pass(module, n: int, topk_block: int, quant_block: int) -> bool:
     return bool(module.one_pass(n, topk_block, quant_block))
 
 
-def _needs_second_pass(module, lay: Layout) -> bool:
-    return not _one_pass(module, lay.n, lay.topk_block, lay.quant_block)
-
-
-def _workspace_batches(module, group: list):
-    """Split a group so that each launch's second-pass workspace stays within WORKSPACE_BYTES.
-    Yields lists of (job, needs the second pass)."""
+def _workspace_batches(group: list):
+    """Split a group of (job, entry) so that each launch's second-pass workspace stays
+    within WORKSPACE_BYTES."""
     batch, used = [], 0
-    for job in group:
-        two = _needs_second_pass(module, job.layout)
-        need = 8 * job.layout.n_quant_blocks if two else 0
+    for job, ent in group:
+        need = 8 * ent.n_quant_blocks if ent.two else 0
         if batch and used + need > WORKSPACE_BYTES:
             yield batch
             batch, used = [], 0
-        batch.append((job, two))
+        batch.append((job, ent))
         used += need
     if batch:
         yield batch
@@ -142,32 +176,33 @@ def _launch(module, batch: list, hp: StepHyper) -> None:
     job0 = batch[0][0]
     lay0 = job0.layout
     device = job0.param.device
-    rows, rows2 = [], []
+    flat, rows2 = [], []  # the records of table, one after another; those of table2
     start = chunks = ws_off = 0
     chunk2 = module.CHUNK2  # elements per pass-2 block, as built
     b1, b2 = hp.beta1, hp.beta2
-    for job, two in batch:
-        lay, st = job.layout, job.state
-        step = int(st["step"])
+    for job, ent in batch:
+        step = int(job.state["step"])
         # Fields in the order of F_PARAM .. F_WS, then the two reserved ones (REC in all).
-        rec = [job.param.data_ptr(), job.grad.data_ptr(), st["ef"].data_ptr(), st["ef_min"].data_ptr(),
-               st["ef_max"].data_ptr(), st["win_idx"].data_ptr(), st["win_val"].data_ptr(),
-               lay.n, lay.k_total, lay.k_last, start, step, _coef_bits(b1, b2, step), -1, 0, 0]
-        if two:
+        rec = [job.param.data_ptr(), job.grad.data_ptr(), *ent.fields, start, step,
+               _coef_bits(b1, b2, step), -1, 0, 0]
+        if ent.two:
             rec[F_WS] = ws_off
-            ws_off += lay.n_quant_blocks
+            ws_off += ent.n_quant_blocks
             rec2 = rec.copy()
             rec2[F_START] = chunks
-            chunks += -(-lay.n // chunk2)
+            chunks += -(-rec[F_N] // chunk2)
             rows2.append(rec2)
-        start += lay.n_topk_blocks
-        rows.append(rec)
+        start += ent.n_topk_blocks
+        flat += rec
+    ntensors = len(batch)
     # Both tables in one host-to-device copy (table2 holds one dummy record when empty).
-    both = _to_device(rows + (rows2 or [[0] * REC]), device)
-    table, table2 = both[:REC * len(rows)], both[REC * len(rows):]
+    for rec2 in rows2 or [[0] * REC]:
+        flat += rec2
+    both = _to_device(flat, device)
+    table, table2 = both[:REC * ntensors], both[REC * ntensors:]
     ws = torch.empty(2 * max(ws_off, 1), dtype=torch.float32, device=device)
     wd = float(hp.weight_decay)
-    module.step(table, len(rows), start, table2, len(rows2), chunks,
+    module.step(table, ntensors, start, table2, len(rows2), chunks,
                 _beta_powers(float(b1), float(b2), lay0.m, device), ws,
                 lay0.topk_block, lay0.k_block, lay0.quant_block, lay0.m,
                 float(hp.lr), float(1.0 - hp.lr * wd), wd != 0.0, float(hp.eps),
@@ -175,6 +210,7 @@ def _launch(module, batch: list, hp: StepHyper) -> None:
                 DTYPES[job0.param.dtype], DTYPES[job0.grad.dtype])
 
 
-def _to_device(rows: list, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(rows, dtype=torch.int64).reshape(-1)
+def _to_device(flat: list, device: torch.device) -> torch.Tensor:
+    # Through array('q') and frombuffer: a third of torch.tensor's time on nested lists.
+    host = torch.frombuffer(array.array("q", flat), dtype=torch.int64)
     return host.pin_memory().to(device, non_blocking=True)
