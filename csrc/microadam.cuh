@@ -66,6 +66,10 @@ struct StepArgs {
 // top-k block (m * k_block entries) are staged in it.
 int64_t pass1_smem_bytes(int topk_block, int m, int k_block);
 bool window_in_smem(int m, int k_block);
+// Whether launches with this m run the moments and the update in their own kernel
+// (update_kernel: m <= 32), and that kernel's dynamic shared memory.
+bool split_launch(int m);
+int64_t update_smem_bytes(int topk_block, int m, int k_block);
 
 // Whether a tensor of n elements can requantize its EF inside the top-k kernel (one pass):
 // quant blocks nest in top-k blocks and no EF byte straddles two top-k blocks.
