@@ -34,11 +34,11 @@ enum Field : int {
 
 enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
-// Elements per virtual block of the second (EF requantization) pass (4096 and 8192 measured
-// slower: docs/performance.md, session 9); a multiple of 32,
+// Elements per virtual block of the second (EF requantization) pass (4096, 8192 and 16384
+// measured slower: docs/performance.md, sessions 9 and 10); a multiple of 32,
 // so that no EF byte straddles two chunks (and the bit flags of pass 2 fill whole words).
 #ifndef MICROADAM_CHUNK2
-#define MICROADAM_CHUNK2 16384
+#define MICROADAM_CHUNK2 32768
 #endif
 constexpr int CHUNK2 = MICROADAM_CHUNK2;
 static_assert(CHUNK2 % 32 == 0, "CHUNK2: a multiple of 32");
@@ -66,10 +66,6 @@ struct StepArgs {
 // top-k block (m * k_block entries) are staged in it.
 int64_t pass1_smem_bytes(int topk_block, int m, int k_block);
 bool window_in_smem(int m, int k_block);
-// Whether launches with this m run the moments and the update in their own kernel
-// (update_kernel: m <= 32), and that kernel's dynamic shared memory.
-bool split_launch(int m);
-int64_t update_smem_bytes(int topk_block, int m, int k_block);
 
 // Whether a tensor of n elements can requantize its EF inside the top-k kernel (one pass):
 // quant blocks nest in top-k blocks and no EF byte straddles two top-k blocks.

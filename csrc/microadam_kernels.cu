@@ -24,9 +24,6 @@
 #ifndef MICROADAM_MIN_BLOCKS
 #define MICROADAM_MIN_BLOCKS 5  // __launch_bounds__ of the top-k kernel: resident blocks per SM (caps registers)
 #endif
-#ifndef MICROADAM_MIN_BLOCKS_SPLIT
-#define MICROADAM_MIN_BLOCKS_SPLIT 6  // the same for its split instances (no window in shared memory: 6 fit)
-#endif
 #ifndef MICROADAM_ROW_MOMENTS
 #define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
 #endif
@@ -44,15 +41,6 @@
 #endif
 #ifndef MICROADAM_P2_MIN_BLOCKS
 #define MICROADAM_P2_MIN_BLOCKS 6  // __launch_bounds__ of pass 2: resident blocks per SM (4, 5, 7, 8 measured slower)
-#endif
-#ifndef MICROADAM_SPLIT
-#define MICROADAM_SPLIT 0  // 1: the window moments and the update in their own kernel (update_kernel) where m <= 32 (measured slower: docs/performance.md, session 10)
-#endif
-#ifndef MICROADAM_UPD_THREADS
-#define MICROADAM_UPD_THREADS 256  // threads per block of update_kernel
-#endif
-#ifndef MICROADAM_UPD_MIN_BLOCKS
-#define MICROADAM_UPD_MIN_BLOCKS 1  // __launch_bounds__ of update_kernel: resident blocks per SM
 #endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
@@ -144,19 +132,13 @@ __device__ __forceinline__ void block_info(const Rec& R, int64_t vb, int B, int 
 // staged in shared memory, the bitmask moments, one pass, and no dense sweep (lean_kind;
 // LEAN & 4: the twins that keep the sweep, for weight decay);
 // LEAN & 3 == 1 also fuses quant blocks by shuffles. The other paths are compiled out of them.
-// INST & 8 (SPLIT): the moments and the update are left to update_kernel, and the window
-// rows are not staged.
-template <typename P, typename G, int INST>
-__global__ void __launch_bounds__(THREADS, (INST & 8) ? MICROADAM_MIN_BLOCKS_SPLIT : MICROADAM_MIN_BLOCKS)
-    compress_update_kernel(StepArgs A) {
-  constexpr int LEAN = INST & 7;
-  constexpr bool SPLIT = (INST & 8) != 0;
+template <typename P, typename G, int LEAN>
+__global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update_kernel(StepArgs A) {
   extern __shared__ float4 smem_raw[];
   const int B = A.topk_block, Q = A.quant_block, m = A.m, KB = A.k_block;
   const int S = (B + 15) & ~15;
-  // Floats of a; the upper part lists the top-k candidates (SPLIT: S / 4 pairs, else S / 2),
-  // the row-by-row moments use SA/2 each.
-  const int SA = LEAN || B <= ACC_DOUBLE_MAX ? (SPLIT ? S + S / 2 : 2 * S) : S;
+  // Floats of a; the upper part lists the top-k candidates, the row-by-row moments use SA/2 each.
+  const int SA = LEAN || B <= ACC_DOUBLE_MAX ? 2 * S : S;
   float* a = reinterpret_cast<float*>(smem_raw);
   unsigned* hist = reinterpret_cast<unsigned*>(a + SA);
   float* smin = reinterpret_cast<float*>(hist);  // after the top-k: new minima, scales, 1/scales
@@ -165,8 +147,8 @@ __global__ void __launch_bounds__(THREADS, (INST & 8) ? MICROADAM_MIN_BLOCKS_SPL
   int16_t* owners = reinterpret_cast<int16_t*>(hist);  // during the update: distinct window positions
   // (LEAN || A.win_smem) and (!LEAN && A.dense) are written out where used: held in locals
   // they changed the general instance's register allocation (more spill loads).
-  int16_t* sidx = (!SPLIT && (LEAN || A.win_smem)) ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
-  __nv_bfloat16* sval = (!SPLIT && (LEAN || A.win_smem)) ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
+  int16_t* sidx = (LEAN || A.win_smem) ? reinterpret_cast<int16_t*>(hist + HIST_BINS) : nullptr;
+  __nv_bfloat16* sval = (LEAN || A.win_smem) ? reinterpret_cast<__nv_bfloat16*>(sidx + m * KB) : nullptr;
   __shared__ Rec R;
   __shared__ BlockInfo BI;
   __shared__ unsigned sw[NWARPS];
@@ -195,14 +177,14 @@ __global__ void __launch_bounds__(THREADS, (INST & 8) ? MICROADAM_MIN_BLOCKS_SPL
     auto row_of = [&](int e) { return kdiv ? (int)__umulhi((unsigned)e, kdiv) : e / kj; };
     const bool onepass = (LEAN & 3) == 1 || ((LEAN & 3) == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
     const int nunits = (L + 7) / 8;
-    if (MICROADAM_PF_PARAM == 1 && !SPLIT) {
+    if (MICROADAM_PF_PARAM == 1) {
       const int nbytes = L * (int)sizeof(P);
       for (int o = 32 * tid; o < nbytes; o += 32 * THREADS) prefetch_l2(reinterpret_cast<const char*>(param + base) + o);
     }
 
     // 1. Stage the window rows written in earlier steps (the current one is written below);
     // two entries per thread, both loaded before either is stored.
-    if (!SPLIT && (LEAN || A.win_smem)) {
+    if (LEAN || A.win_smem) {
       for (int e0 = tid; e0 < m * kj; e0 += 2 * THREADS) {
         int16_t li[2];
         __nv_bfloat16 lv[2];
@@ -271,15 +253,15 @@ __global__ void __launch_bounds__(THREADS, (INST & 8) ? MICROADAM_MIN_BLOCKS_SPL
     {
       int16_t* gi = R.win_idx + (int64_t)row * R.k_total + col0;
       __nv_bfloat16* gv = R.win_val + (int64_t)row * R.k_total + col0;
-      int16_t* si = (!SPLIT && (LEAN || A.win_smem)) ? sidx + row * KB : nullptr;
-      __nv_bfloat16* sv = (!SPLIT && (LEAN || A.win_smem)) ? sval + row * KB : nullptr;
+      int16_t* si = (LEAN || A.win_smem) ? sidx + row * KB : nullptr;
+      __nv_bfloat16* sv = (LEAN || A.win_smem) ? sval + row * KB : nullptr;
       bool done = false;
       if (fast) {
         // The upper half of a (free until the moments) lists the candidates: S / 2 (key, index) pairs.
         float bmax = 0.0f;
         for (int w = 0; w < NWARPS; ++w) bmax = fmaxf(bmax, red[w]);
         unsigned* ckey = reinterpret_cast<unsigned*>(a + S);
-        const int cap = SPLIT ? S / 4 : S / 2;  // (key, index) pairs
+        const int cap = S / 2;  // (key, index) pairs
         done = topk_cand(a, L, kj, bmax, hist, ckey, ckey + cap, cap, gi, gv, si, sv, sw, gcnt, wcount, bcast);
       }
       if (!done) {
@@ -394,7 +376,7 @@ __global__ void __launch_bounds__(THREADS, (INST & 8) ? MICROADAM_MIN_BLOCKS_SPL
     }
     __syncthreads();
 
-    if (MICROADAM_STOP_AFTER == 4 || SPLIT) continue;
+    if (MICROADAM_STOP_AFTER == 4) continue;
 
     // 6. Moments and update. Rows are added in order r = 0..m-1 from 0, as the reference's
     // index_add_ on the CPU does. Without weight decay only the window's positions are
@@ -522,155 +504,6 @@ __global__ void __launch_bounds__(THREADS, (INST & 8) ? MICROADAM_MIN_BLOCKS_SPL
   }
 }
 
-constexpr int UT = MICROADAM_UPD_THREADS;
-
-// The window moments and the update, one block of UT threads per top-k block (after pass 1
-// wrote this step's row): the split form of phase 6 of compress_update_kernel, for m <= 32.
-// Bit r of mask[i]: position i is in window row r. The entry of a position in its lowest
-// row owns it: it sums the position's rows in order (finding each by binary search in its
-// sorted row) and updates the param. With A.dense a sweep decays the other positions.
-// Shared memory: S mask words, then the m window rows (when they fit, A.win_smem).
-template <typename P>
-__global__ void __launch_bounds__(UT, MICROADAM_UPD_MIN_BLOCKS) update_kernel(StepArgs A) {
-  extern __shared__ float4 smem_raw[];
-  const int B = A.topk_block, m = A.m, KB = A.k_block;
-  const int S = (B + 15) & ~15;
-  unsigned* mask = reinterpret_cast<unsigned*>(smem_raw);
-  int16_t* sidx = reinterpret_cast<int16_t*>(mask + S);
-  __nv_bfloat16* sval = reinterpret_cast<__nv_bfloat16*>(sidx + m * KB);
-  __shared__ Rec R;
-  __shared__ BlockInfo BI;
-  const int tid = threadIdx.x;
-  for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
-    if (tid < 32) {
-      find_record_warp(A.table, A.ntensors, vb, R);
-      if (tid == 0) block_info(R, vb, B, KB, A.quant_block, m, BI);
-    }
-    for (int i = 4 * tid; i < S; i += 4 * UT) *reinterpret_cast<uint4*>(mask + i) = make_uint4(0u, 0u, 0u, 0u);
-    __syncthreads();
-    P* param = reinterpret_cast<P*>(R.param);
-    const int64_t base = BI.base, col0 = BI.col0;
-    const int L = BI.L, kj = BI.kj, row = BI.row;
-    const unsigned kdiv = BI.kdiv;
-    auto row_of = [&](int e) { return kdiv ? (int)__umulhi((unsigned)e, kdiv) : e / kj; };
-    if (MICROADAM_PF_PARAM == 1) {
-      const int nbytes = L * (int)sizeof(P);
-      for (int o = 32 * tid; o < nbytes; o += 32 * UT) prefetch_l2(reinterpret_cast<const char*>(param + base) + o);
-    }
-    const int ne = m * kj;
-    const bool staged = A.win_smem;
-    // Stage the m rows (two entries in flight per thread) and mark their positions.
-    if (staged) {
-      for (int e0 = tid; e0 < ne; e0 += 2 * UT) {
-        int16_t li[2];
-        __nv_bfloat16 lv[2];
-        int dst[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int e = e0 + h * UT, r = row_of(e), c = e - r * kj;
-          dst[h] = e < ne ? r * KB + c : -1;
-          if (dst[h] >= 0) {
-            li[h] = R.win_idx[(int64_t)r * R.k_total + col0 + c];
-            lv[h] = R.win_val[(int64_t)r * R.k_total + col0 + c];
-          }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (dst[h] >= 0) { sidx[dst[h]] = li[h]; sval[dst[h]] = lv[h]; }
-        }
-      }
-      __syncthreads();
-    }
-    const int16_t* wi0 = staged ? sidx : R.win_idx + col0;
-    const __nv_bfloat16* wv0 = staged ? sval : R.win_val + col0;
-    const int64_t rs = staged ? KB : R.k_total;
-    for (int e = tid; e < ne; e += UT) {
-      const int r = row_of(e), c = e - r * kj;
-      const int idx = wi0[r * rs + c];
-      if ((unsigned)idx < (unsigned)L) atomicOr(&mask[idx], 1u << r);
-    }
-    __syncthreads();
-    // Owners, two entries a thread in flight: both params are loaded before either's sums
-    // (shared memory only) are formed, then both are written.
-    for (int e0 = tid; e0 < ne; e0 += 2 * UT) {
-      int pos[2];
-      float pv[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int e = e0 + h * UT;
-        pos[h] = -1;
-        if (e < ne) {
-          const int r = row_of(e), c = e - r * kj;
-          const int16_t* ri = wi0 + r * rs;
-          const int idx = ri[c];
-          // A repeated index in one row only occurs in a row never written (all zero).
-          if ((unsigned)idx < (unsigned)L && !(c > 0 && ri[c - 1] == idx) && __ffs(mask[idx]) - 1 == r) pos[h] = e;
-          if (pos[h] >= 0) pv[h] = to_f(param[base + idx]);
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (pos[h] < 0) continue;
-        const int r = row_of(pos[h]), c = pos[h] - r * kj;
-        const int idx = wi0[r * rs + c];
-        float s1 = 0.0f, s2 = 0.0f;
-        for (unsigned bits = mask[idx]; bits; bits &= bits - 1) {
-          const int rr = __ffs(bits) - 1;
-          const int cc = rr == r ? c : lower_bound16(wi0 + rr * rs, kj, idx);
-          const float v = __bfloat162float(wv0[rr * rs + cc]);
-          const int age = row >= rr ? row - rr : row - rr + m;
-          s1 = __fadd_rn(s1, __fmul_rn(A.betapow[age], v));
-          s2 = __fadd_rn(s2, __fmul_rn(A.betapow[m + age], __fmul_rn(v, v)));
-        }
-        const float mh = __fmul_rn(s1, R.c1), vh = __fmul_rn(s2, R.c2);
-        const float x = A.has_decay ? __fmul_rn(pv[h], A.decay) : pv[h];
-        const float u = __fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), A.eps));
-        param[base + idx] = from_f<P>(__fsub_rn(x, __fmul_rn(A.lr, u)));
-      }
-    }
-    if (A.dense) {
-      // Positions in no window row: m_hat = v_hat = 0, so theta*decay - lr*(0/(0+eps)); 8 at
-      // a time where none is in the window, two such units a thread in flight.
-      const float z = __fmul_rn(A.lr, __fdiv_rn(0.0f, __fadd_rn(0.0f, A.eps)));
-      const bool vec_p = (base % 8 == 0) && aligned16(param + base);
-      const int nu = (L + 7) / 8;
-      for (int u0 = tid; u0 < nu; u0 += 2 * UT) {
-        float v[2][8];
-        bool whole[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int u = u0 + h * UT, i0 = 8 * u;
-          whole[h] = false;
-          if (u < nu && vec_p && L - i0 >= 8) {
-            const uint4 m0 = *reinterpret_cast<const uint4*>(mask + i0), m1 = *reinterpret_cast<const uint4*>(mask + i0 + 4);
-            whole[h] = !(m0.x | m0.y | m0.z | m0.w | m1.x | m1.y | m1.z | m1.w);
-            if (whole[h]) load8(param + base + i0, v[h]);
-          }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int u = u0 + h * UT, i0 = 8 * u;
-          if (u >= nu) continue;
-          if (whole[h]) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[h][j] = __fsub_rn(A.has_decay ? __fmul_rn(v[h][j], A.decay) : v[h][j], z);
-            store8(param + base + i0, v[h]);
-          } else {
-            const int valid = min(8, L - i0);
-            for (int j = 0; j < valid; ++j) {
-              if (mask[i0 + j] != 0u) continue;
-              float x = to_f(param[base + i0 + j]);
-              if (A.has_decay) x = __fmul_rn(x, A.decay);
-              param[base + i0 + j] = from_f<P>(__fsub_rn(x, z));
-            }
-          }
-        }
-      }
-    }
-    __syncthreads();  // R and shared memory are reused by the next virtual block
-  }
-}
-
 // Pass 2: EF of tensors whose quant blocks straddle top-k blocks, CHUNK2 elements per block.
 // Its blocks are short and wait on chains of loads, so the chain is kept short: warp 0 finds
 // the record by ballots (one round of loads, not a binary search's chain), the chunk's window
@@ -764,23 +597,22 @@ __global__ void commit_ranges_kernel(StepArgs A) {
 // the bitmask moments, every tensor one pass (unless MICROADAM_LEAN_TWOPASS: instance 2 keeps
 // the per-tensor test); 1 when its quant blocks (8..256, a power of two) are fused with
 // shuffles; plus 4 for the twin with the dense sweep (weight decay) when MICROADAM_LEAN & 4.
-// Split launches (split_launch) stage no window and leave the sweep to update_kernel.
-int lean_kind(const StepArgs& A, bool split) {
+int lean_kind(const StepArgs& A) {
   const int Q = A.quant_block;
-  const bool lean = (split || (A.win_smem && (!A.dense || (MICROADAM_LEAN & 4)))) &&
+  const bool lean = A.win_smem && (!A.dense || (MICROADAM_LEAN & 4)) &&
                     A.topk_block <= ACC_DOUBLE_MAX && A.m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS &&
                     !MICROADAM_NO_FAST_TOPK;
   if (!lean) return 0;
-  const int sweep = A.dense && !split ? 4 : 0;
+  const int sweep = A.dense ? 4 : 0;
   if (A.ntensors2 > 0) return (MICROADAM_LEAN & 2) && MICROADAM_LEAN_TWOPASS ? 2 | sweep : 0;
   if ((MICROADAM_LEAN & 1) && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0) return 1 | sweep;
   return (MICROADAM_LEAN & 2) ? 2 | sweep : 0;
 }
 
-template <typename P, typename G, int INST>
+template <typename P, typename G, int LEAN>
 cudaError_t launch_pass1(const StepArgs& A, cudaStream_t s) {
   const int64_t smem = pass1_smem_bytes(A.topk_block, A.m, A.k_block);
-  auto kernel = compress_update_kernel<P, G, INST>;
+  auto kernel = compress_update_kernel<P, G, LEAN>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
@@ -791,19 +623,6 @@ cudaError_t launch_pass1(const StepArgs& A, cudaStream_t s) {
   if (e != cudaSuccess) return e;
   const int64_t grid = A.total_blocks < INT_MAX ? A.total_blocks : INT_MAX;
   kernel<<<(unsigned)grid, THREADS, (size_t)smem, s>>>(A);
-  return cudaGetLastError();
-}
-
-template <typename P>
-cudaError_t launch_update(const StepArgs& A, cudaStream_t s) {
-  const int64_t smem = update_smem_bytes(A.topk_block, A.m, A.k_block);
-  auto kernel = update_kernel<P>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
-  }
-  const int64_t grid = A.total_blocks < INT_MAX ? A.total_blocks : INT_MAX;
-  kernel<<<(unsigned)grid, UT, (size_t)smem, s>>>(A);
   return cudaGetLastError();
 }
 
@@ -818,22 +637,8 @@ cudaError_t launch_pass2(const StepArgs& A, cudaStream_t s) {
 // params): each instance adds to the build time.
 template <typename P, typename G>
 cudaError_t dispatch_lean(const StepArgs& A, cudaStream_t s) {
-#if MICROADAM_SPLIT
-  // Split launches (m <= 32): instances 8 (general), 9 and 10 (lean); m > 32 takes instance 0.
-  if (!split_launch(A.m)) return launch_pass1<P, G, 0>(A, s);
   if constexpr (std::is_same<P, G>::value || std::is_same<P, float>::value) {
-    const int kind = lean_kind(A, true);
-#if MICROADAM_LEAN & 1
-    if (kind == 1) return launch_pass1<P, G, 9>(A, s);
-#endif
-#if MICROADAM_LEAN & 2
-    if (kind == 2) return launch_pass1<P, G, 10>(A, s);
-#endif
-  }
-  return launch_pass1<P, G, 8>(A, s);
-#else
-  if constexpr (std::is_same<P, G>::value || std::is_same<P, float>::value) {
-    const int kind = lean_kind(A, false);
+    const int kind = lean_kind(A);
 #if MICROADAM_LEAN & 1
     if (kind == 1) return launch_pass1<P, G, 1>(A, s);
 #if MICROADAM_LEAN & 4
@@ -848,7 +653,6 @@ cudaError_t dispatch_lean(const StepArgs& A, cudaStream_t s) {
 #endif
   }
   return launch_pass1<P, G, 0>(A, s);
-#endif
 }
 
 template <typename P>
@@ -865,18 +669,10 @@ cudaError_t dispatch_grad(const StepArgs& A, cudaStream_t s) {
 
 bool window_in_smem(int m, int k_block) { return (int64_t)m * k_block * 4 <= WIN_SMEM_CAP; }
 
-bool split_launch(int m) { return MICROADAM_SPLIT && m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS; }
-
 int64_t pass1_smem_bytes(int topk_block, int m, int k_block) {
-  const int64_t S = (topk_block + 15) & ~15;
-  if (split_launch(m)) return (topk_block <= ACC_DOUBLE_MAX ? S + S / 2 : S) * 4 + HIST_BINS * 4;
   const int64_t win = window_in_smem(m, k_block) ? ((int64_t)m * k_block * 4 + 15) / 16 * 16 : 0;
-  return (topk_block <= ACC_DOUBLE_MAX ? 2 * S : S) * 4 + HIST_BINS * 4 + win;
-}
-
-int64_t update_smem_bytes(int topk_block, int m, int k_block) {
   const int64_t S = (topk_block + 15) & ~15;
-  return S * 4 + (window_in_smem(m, k_block) ? ((int64_t)m * k_block * 4 + 15) / 16 * 16 : 0);
+  return (topk_block <= ACC_DOUBLE_MAX ? 2 * S : S) * 4 + HIST_BINS * 4 + win;
 }
 
 bool one_pass(int64_t n, int topk_block, int quant_block) {
@@ -905,14 +701,6 @@ int launch_step(const StepArgs& args, void* stream) {
       default: e = cudaErrorInvalidValue;
     }
     if (e != cudaSuccess) return (int)e;
-    if (split_launch(A.m)) {
-      switch (A.param_dtype) {
-        case DT_F32: e = launch_update<float>(A, s); break;
-        case DT_BF16: e = launch_update<__nv_bfloat16>(A, s); break;
-        case DT_F16: e = launch_update<__half>(A, s); break;
-      }
-      if (e != cudaSuccess) return (int)e;
-    }
   }
   if (A.ntensors2 > 0 && A.total_chunks2 > 0) {
     switch (A.grad_dtype) {
