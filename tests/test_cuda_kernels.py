@@ -212,6 +212,26 @@ def test_gradient_scale_jumps_between_steps(quant_block, seed):
         assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
 
 
+def test_replaced_state_tensors_and_param_data_between_steps(seed):
+    """The launch entry cached per param must follow a state tensor replaced in the state
+    dict and a param whose .data was reassigned: a stale pointer would update the old
+    tensors (kept alive here) and leave the new ones behind the reference."""
+    pair = make_pair([4097, 100003], torch.bfloat16, torch.bfloat16, 1 + seed % 5, seed, quant_block=100000)
+    cpu, gpu, opt_c, opt_g, gen = pair
+    step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+    kept = []
+    for pg in gpu:
+        st = opt_g.state[pg]
+        for k in ("ef", "ef_min", "ef_max", "win_idx", "win_val"):
+            kept.append(st[k])
+            st[k] = st[k].clone()
+        kept.append(pg.data)
+        pg.data = pg.data.clone()
+    for _ in range(2):
+        step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+        assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
+
+
 def test_trajectory_100_steps(seed):
     sizes = [4096 * 3 + 5, 777, 50000]
     pair = make_pair(sizes, torch.float32, torch.float32, 1, seed, lr=1e-2, weight_decay=0.01)
