@@ -227,6 +227,9 @@ class MicroAdam(torch.optim.Optimizer):
             if key in saved:
                 device = local_tensor(p).device
                 self.state[p] = {k: _place(k, v, device) for k, v in saved[key].items()}
+        # Every state was replaced: drop the cached checks and the backend memos with them,
+        # which would otherwise keep the old state tensors (device memory) alive.
+        self._layouts.clear()
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> list[tuple[Any, torch.Tensor]]:

@@ -232,6 +232,21 @@ def test_replaced_state_tensors_and_param_data_between_steps(seed):
         assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
 
 
+def test_load_state_dict_releases_the_replaced_state_tensors(seed):
+    """The launch entries cached per param hold the state tensors; after load_state_dict
+    the replaced ones must be freed (no second copy of the state kept on the device)."""
+    import gc
+    import weakref
+    cpu, gpu, opt_c, opt_g, gen = make_pair([4097, 100003], torch.bfloat16, torch.bfloat16, 2, seed)
+    step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+    old = [weakref.ref(opt_g.state[pg][k]) for pg in gpu for k in ("ef", "ef_min", "ef_max", "win_idx", "win_val")]
+    opt_g.load_state_dict(opt_g.state_dict())
+    gc.collect()
+    assert all(r() is None for r in old), "replaced state tensors are still referenced"
+    step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+    assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
+
+
 def test_trajectory_100_steps(seed):
     sizes = [4096 * 3 + 5, 777, 50000]
     pair = make_pair(sizes, torch.float32, torch.float32, 1, seed, lr=1e-2, weight_decay=0.01)
