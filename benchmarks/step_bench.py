@@ -9,9 +9,11 @@ AdamW of the same param dtype measured in the same run.
     python benchmarks/step_bench.py --out benchmarks/results/step_bench_h100.json
 
 Columns: median step ms; GPU ms (the step's kernels, torch.profiler, one more step);
-host ms (until step() returns, started on an idle GPU: the GPU waits that long for the
-first launch); state bytes per param (all optimizer state tensors); transient MiB (peak
-memory during a step above the memory held before it).
+host ms (until step() returns, started on an idle GPU; MicroAdam's first launch goes out
+before that, so step ms - GPU ms is the host time the GPU waited for, plus gaps between
+launches); state bytes per param (all optimizer state tensors); transient MiB (peak
+memory during a step above the memory held before it). Rows `microadam_q<Q>_fl0` make one
+launch per step after every record is built (the build before session 11).
 """
 
 from __future__ import annotations
@@ -54,9 +56,14 @@ def make_opt(kind: str, params, args):
     if kind == "adamw_foreach":
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=args.weight_decay, foreach=True)
     from microadam_dist import MicroAdam
-    # microadam_q<quant_block>[_skip]: _skip turns on the default non-finite gradient check.
+    from microadam_dist.ops import cuda as cuda_ops
+    # microadam_q<quant_block>[_skip][_fl<N>]: _skip turns on the default non-finite gradient
+    # check; _fl<N> sets FIRST_LAUNCH_BLOCKS (0: one launch after all records are built).
     spec = kind.split("_q")[1].split("_")
-    nonfinite = "skip" if spec[1:] == ["skip"] else args.nonfinite
+    nonfinite = "skip" if "skip" in spec[1:] else args.nonfinite
+    fl = [s[2:] for s in spec[1:] if s.startswith("fl")]
+    default = make_opt.__dict__.setdefault("first_launch_blocks", cuda_ops.FIRST_LAUNCH_BLOCKS)
+    cuda_ops.FIRST_LAUNCH_BLOCKS = int(fl[0]) if fl else default
     return MicroAdam(params, lr=1e-4, weight_decay=args.weight_decay, m=10, density=0.01,
                      quant_block=int(spec[0]), backend="cuda", nonfinite=nonfinite)
 
@@ -159,7 +166,8 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--nonfinite", default="off", help="MicroAdam's gradient check ('skip' adds a pass)")
     ap.add_argument("--rows", default="bf16:adamw_fused,bf16:adamw_foreach,bf16:microadam_q64,"
-                    "bf16:microadam_q100000,bf16:microadam_q4096,bf16:microadam_q64_skip,fp32:adamw_fused,fp32:microadam_q64,fp32:microadam_q100000")
+                    "bf16:microadam_q100000,bf16:microadam_q4096,bf16:microadam_q64_skip,bf16:microadam_q64_fl0,"
+                    "bf16:microadam_q100000_fl0,fp32:adamw_fused,fp32:microadam_q64,fp32:microadam_q100000")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 

@@ -20,6 +20,10 @@ RESHARD_HINT = ("to move a checkpoint to another world size or sharding, run "
                 "(docs/checkpoints.md)")
 
 
+# Types that are never DTensors: step() takes them as they are, without a local_tensor call.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor."""
     to_local = getattr(t, "to_local", None)
@@ -96,6 +100,8 @@ class MicroAdam(torch.optim.Optimizer):
                 loss = closure()
 
         # (config, [(param, local param, local grad, (group index, param index))]) per group.
+        # Written out (no helper calls on the common path): these loops run for every tensor
+        # of every step, on the host time during which an idle GPU waits for the first launch.
         work: list[tuple[MicroAdamConfig, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]]]] = []
         for gi, group in enumerate(self.param_groups):
             config = self._group_config(group, gi)
@@ -104,9 +110,10 @@ class MicroAdam(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None or p.numel() == 0:
                     continue
-                if grad.is_sparse or p.is_complex() or grad.is_complex() or grad.shape != p.shape:
+                if grad.is_sparse or p.dtype.is_complex or grad.dtype.is_complex or grad.shape != p.shape:
                     self._reject_grad(p, grad, (gi, pi))
-                items.append((p, local_tensor(p), local_tensor(grad), (gi, pi)))
+                items.append((p, p if type(p) in _PLAIN else local_tensor(p),
+                              grad if type(grad) in _PLAIN else local_tensor(grad), (gi, pi)))
             if items:
                 work.append((config, items))
 
@@ -114,24 +121,35 @@ class MicroAdam(torch.optim.Optimizer):
             self.nonfinite_skips += 1
             return loss
 
+        # Every state is looked up and checked before the first launch, so that a state that
+        # does not fit its param fails the step with nothing changed, in any group.
+        runs = []
+        state_of, layouts = self.state, self._layouts
         for config, items in work:
+            by_device: dict[torch.device, list[ShardJob]] = {}
+            blocks = (config.topk_block, config.density, config.quant_block, config.m)
+            for p, p_local, g_local, where in items:
+                n = p_local.numel()
+                if n == 0:  # e.g. an FSDP rank that holds no part of this param
+                    continue
+                state = state_of[p]
+                cached = layouts.get(id(p))  # _state_for's cached check, inlined
+                if cached is not None and cached[0] is state.get("layout") and cached[1] == (n, blocks):
+                    layout, memo = cached[2], cached[3]
+                else:
+                    state, layout, memo = self._state_for(p, p_local, config, where)
+                jobs = by_device.get(p_local.device)
+                if jobs is None:
+                    by_device[p_local.device] = jobs = []
+                jobs.append(ShardJob(p_local, g_local, state, layout, where, memo))
+            runs.append((config, by_device))
+        for config, by_device in runs:
             hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
                            eps=float(config.eps), weight_decay=float(config.weight_decay),
                            ef_rounding=config.ef_rounding)
-            by_device: dict[torch.device, list[ShardJob]] = {}
-            steps = []
-            for p, p_local, g_local, where in items:
-                if p_local.numel() == 0:  # e.g. an FSDP rank that holds no part of this param
-                    continue
-                state, layout, memo = self._state_for(p, p_local, config, where)
-                steps.append(state["step"])
-                by_device.setdefault(p_local.device, []).append(
-                    ShardJob(p_local, g_local, state, layout, where, memo))
-            if steps:
-                torch._foreach_add_(steps, 1)  # one call for every (CPU) step counter
             for device, jobs in by_device.items():
                 _, run = select_backend(config.backend, device)
-                run(jobs, hp)
+                run(jobs, hp)  # advances each job's state["step"] and steps it
         return loss
 
     def _name(self, where: tuple[int, int]) -> str:
@@ -158,7 +176,7 @@ class MicroAdam(torch.optim.Optimizer):
         is cached per state object."""
         state = self.state[p]
         cached = self._layouts.get(id(p))
-        key = (p_local.numel(), config.topk_block, config.density, config.quant_block, config.m)
+        key = (p_local.numel(), (config.topk_block, config.density, config.quant_block, config.m))
         if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
             return state, cached[2], cached[3]
         expected = Layout.for_numel(p_local.numel(), config)

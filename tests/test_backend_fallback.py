@@ -92,3 +92,65 @@ def test_kernels_compile_with_nvcc(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     assert out.stat().st_size > 0
     assert "error" not in res.stderr.lower()
+
+
+class RecordingKernels:
+    """Stands in for the compiled module on the CPU: records what each launch would run."""
+
+    CHUNK2 = 32768
+
+    def __init__(self):
+        self.launches = []
+
+    def one_pass(self, n, topk_block, quant_block):  # one top-k block, or quant blocks nested in them
+        return n <= topk_block or topk_block % quant_block == 0
+
+    def step(self, table, ntensors, total_blocks, table2, ntensors2, chunks2, *rest):
+        self.launches.append((table[:ntensors * cuda_ops.REC].view(ntensors, cuda_ops.REC).clone(),
+                              total_blocks, ntensors2))
+
+
+def test_cuda_runner_launch_plan(seed, monkeypatch):
+    """The host side of the CUDA runner, on a recording stand-in for the kernels: launches
+    go out as a group reaches 1, 4, 16, ... x FIRST_LAUNCH_BLOCKS top-k blocks; every tensor is
+    in exactly one record, which carries its new step and its block range; the step counters
+    are advanced once; ineligible jobs go to the fallback."""
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # CPU tensors pass as device 0
+    monkeypatch.setattr(cuda_ops, "_to_device", lambda flat, device: torch.tensor(flat, dtype=torch.int64))
+    monkeypatch.setattr(cuda_ops, "FIRST_LAUNCH_BLOCKS", 3)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [int(n) for n in torch.randint(1, 5 * 4096, (12,), generator=gen)]
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    opt = MicroAdam(params, backend="reference", quant_block=100000, nonfinite="off")
+    for p in params:
+        p.grad = torch.randn(p.numel(), generator=gen)
+    opt.step()  # creates the state
+    kernels = RecordingKernels()
+    hp = cuda_ops.StepHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, ef_rounding="nearest")
+    from microadam_dist.ops import ShardJob
+    jobs = [ShardJob(p, p.grad, opt.state[p], opt._layouts[id(p)][2], (0, i), {}) for i, p in enumerate(params)]
+    # A param that is not contiguous: the kernels cannot take it.
+    odd = jobs[0]._replace(param=torch.zeros(8)[::2], grad=torch.zeros(4), memo={})
+    fell_back = []
+    before = [int(opt.state[p]["step"]) for p in params]
+    cuda_ops.run_cuda(kernels, jobs + [odd], hp, fallback=lambda js, h: fell_back.extend(js))
+    assert fell_back == [odd]
+    # The policy, from the sizes alone.
+    expected, pending, blocks, at = [], 0, 0, 3
+    for n in sizes:
+        pending, blocks = pending + 1, blocks + -(-n // 4096)
+        if blocks >= at:
+            expected, pending, blocks, at = expected + [pending], 0, 0, 4 * at
+    expected += [pending] if pending else []
+    assert [len(t) for t, _, _ in kernels.launches] == expected
+    rows = torch.cat([t for t, _, _ in kernels.launches])
+    assert rows[:, cuda_ops.F_PARAM].tolist() == [p.data_ptr() for p in params]
+    assert rows[:, cuda_ops.F_GRAD].tolist() == [p.grad.data_ptr() for p in params]
+    assert rows[:, cuda_ops.F_STEP].tolist() == [b + 1 for b in before]
+    assert [int(opt.state[p]["step"]) for p in params] == [b + 1 for b in before]
+    for table, total_blocks, ntensors2 in kernels.launches:
+        nblocks = [-(-int(n) // 4096) for n in table[:, cuda_ops.F_N]]
+        assert table[:, cuda_ops.F_START].tolist() == [sum(nblocks[:i]) for i in range(len(nblocks))]
+        assert total_blocks == sum(nblocks)
+        # Quant block 100000 straddles top-k blocks of 4096 for every tensor over one block.
+        assert ntensors2 == sum(int(n) > 4096 for n in table[:, cuda_ops.F_N])

@@ -232,6 +232,40 @@ def test_replaced_state_tensors_and_param_data_between_steps(seed):
         assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
 
 
+@pytest.mark.parametrize("quant_block", [64, 100000])
+def test_launches_go_out_while_later_tensors_are_prepared(quant_block, seed, monkeypatch):
+    """run_cuda launches a group as soon as it holds FIRST_LAUNCH_BLOCKS top-k blocks, then
+    at 4x as many: with a threshold of one block this step makes several launches (counted),
+    each record carrying its tensor's new step, and every tensor still matches the reference
+    over three steps, step counters included."""
+    from microadam_dist.ops import cuda as cuda_ops
+    monkeypatch.setattr(cuda_ops, "FIRST_LAUNCH_BLOCKS", 1)
+    launches = []
+    real = cuda_ops._launch
+
+    def counting(module, batch, hp):
+        launches.append(len(batch))
+        real(module, batch, hp)
+    monkeypatch.setattr(cuda_ops, "_launch", counting)
+    sizes = [4097, 1, 100003, 5000, 8192 * 3 + 1, 7, 12345]
+    cpu, gpu, opt_c, opt_g, gen = make_pair(sizes, torch.bfloat16, torch.bfloat16, 1 + seed % 9, seed,
+                                            quant_block=quant_block, lr=1e-2)
+    launches.clear()
+    for _ in range(3):
+        step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+        assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
+        for pc, pg in zip(cpu, gpu):
+            assert int(opt_g.state[pg]["step"]) == int(opt_c.state[pc]["step"])
+    # The documented policy: a launch once the pending tensors hold 1, then 4, 16, ... top-k blocks.
+    expected, pending, blocks, at = [], 0, 0, 1
+    for n in sizes:
+        pending, blocks = pending + 1, blocks + -(-n // 4096)
+        if blocks >= at:
+            expected, pending, blocks, at = expected + [pending], 0, 0, 4 * at
+    expected += [pending] if pending else []
+    assert len(expected) >= 3 and launches == expected * 3, (launches, expected)
+
+
 def test_load_state_dict_releases_the_replaced_state_tensors(seed):
     """The launch entries cached per param hold the state tensors; after load_state_dict
     the replaced ones must be freed (no second copy of the state kept on the device)."""

@@ -1,7 +1,8 @@
 """Backends that run one MicroAdam step over a list of shards.
 
 A backend is a function `run(jobs, hp)` taking a list of `ShardJob` of one param
-group and the group's `StepHyper`. The reference backend is `reference.step_shard`
+group and the group's `StepHyper`; it advances each job's `state["step"]` by one
+(`advance_steps`) and takes the step. The reference backend is `reference.step_shard`
 applied to each job; a fused backend may launch one kernel for all of them.
 """
 
@@ -30,7 +31,14 @@ class ShardJob(NamedTuple):
     memo: dict | None = None
 
 
+def advance_steps(jobs: list[ShardJob]) -> None:
+    """state["step"] += 1 for every job: one call for all the (CPU) step counters."""
+    if jobs:
+        torch._foreach_add_([job.state["step"] for job in jobs], 1)
+
+
 def run_reference(jobs: list[ShardJob], hp: StepHyper) -> None:
+    advance_steps(jobs)
     for job in jobs:
         reference.step_shard(job.param, job.grad, job.state, job.layout, hp)
 
@@ -50,4 +58,4 @@ def select_backend(name: str, device: torch.device) -> tuple[str, Callable[[list
     return cuda_ops.resolve(name, device, run_reference)
 
 
-__all__ = ["ShardJob", "StepHyper", "run_reference", "select_backend", "reference"]
+__all__ = ["ShardJob", "StepHyper", "advance_steps", "run_reference", "select_backend", "reference"]

@@ -5,15 +5,16 @@
 warning (backend="auto") or a RuntimeError (backend="cuda").
 
 A runner call groups the jobs by (param dtype, grad dtype, block sizes, m) and makes
-one launch table per group: a step costs a handful of kernel launches per group, not
-one per tensor. Jobs the kernels cannot take (non-contiguous tensors, other dtypes)
-run through the reference.
+launch tables per group: a step costs a handful of kernel launches per group (the first
+goes out early, see run_cuda), not one per tensor. Jobs the kernels cannot take
+(non-contiguous tensors, other dtypes) run through the reference.
 """
 
 from __future__ import annotations
 
 import array
 import functools
+import os
 import struct
 import warnings
 from typing import Callable
@@ -21,13 +22,17 @@ from typing import Callable
 import torch
 
 from ..layout import Layout
-from . import builder
+from . import advance_steps, builder
 from .reference import StepHyper
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 REC = 16
 # Second-pass workspace: two float32 ranges per quant block of the tensors that need it.
 WORKSPACE_BYTES = 64 * 2**20
+# run_cuda launches a group once it holds this many top-k blocks (4 M elements at the
+# default block of 4096), then at 4x as many each time; 0: one launch per group, after
+# every record is built. MICROADAM_FIRST_LAUNCH_BLOCKS overrides it.
+FIRST_LAUNCH_BLOCKS = int(os.environ.get("MICROADAM_FIRST_LAUNCH_BLOCKS", "1024"))
 F_PARAM, F_GRAD, F_EF, F_EF_MIN, F_EF_MAX, F_WIN_IDX, F_WIN_VAL, F_N, F_K_TOTAL, F_K_LAST, \
     F_START, F_STEP, F_COEF, F_WS = range(14)
 
@@ -115,24 +120,45 @@ class _Entry:
 
 
 def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
-    """Runner: one fused step for every job (see module docstring)."""
-    groups: dict[tuple, list] = {}
-    rest = []
+    """Runner: one fused step for every job (see module docstring).
+
+    Launches go out while the later jobs' records are still being built: a group is
+    launched once it holds FIRST_LAUNCH_BLOCKS top-k blocks, then at 4x as many each
+    time. When step() starts on an idle GPU (after a host sync, e.g. the non-finite
+    check), the GPU waits only for the first launch instead of the whole host path, and a
+    step makes about log2 of (its top-k blocks / FIRST_LAUNCH_BLOCKS) launches per group.
+    Every tensor's update reads only its own tensors, so how they are split into launches
+    does not change any result. The records carry each job's new step (its counter + 1);
+    the counters are advanced after the launches, while the GPU runs them.
+    """
+    pending: dict[tuple, list] = {}  # key -> [(job, entry) not launched yet, their top-k blocks, launch at]
+    rest, taken = [], []
     for job in jobs:
         ent = _entry(job, module)
         if ent is None:
             rest.append(job)
             continue
+        taken.append(job)
         key = (ent.dev, job.param.dtype, job.grad.dtype, ent.blocks)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = group = []
-        group.append((job, ent))
-    for key, group in groups.items():
-        for batch in _workspace_batches(group):
-            _launch(module, batch, hp)
+        slot = pending.get(key)
+        if slot is None:
+            pending[key] = slot = [[], 0, FIRST_LAUNCH_BLOCKS or 1 << 62]
+        slot[0].append((job, ent))
+        slot[1] += ent.n_topk_blocks
+        if slot[1] >= slot[2]:
+            _launch_group(module, slot[0], hp)
+            slot[0], slot[1], slot[2] = [], 0, 4 * slot[2]
+    for group, _, _ in pending.values():
+        if group:
+            _launch_group(module, group, hp)
+    advance_steps(taken)
     if rest:
-        fallback(rest, hp)
+        fallback(rest, hp)  # advances its jobs' steps itself
+
+
+def _launch_group(module, group: list, hp: StepHyper) -> None:
+    for batch in _workspace_batches(group):
+        _launch(module, batch, hp)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -181,7 +207,7 @@ def _launch(module, batch: list, hp: StepHyper) -> None:
     chunk2 = module.CHUNK2  # elements per pass-2 block, as built
     b1, b2 = hp.beta1, hp.beta2
     for job, ent in batch:
-        step = int(job.state["step"])
+        step = int(job.state["step"]) + 1  # the step this launch takes (advanced after it)
         # Fields in the order of F_PARAM .. F_WS, then the two reserved ones (REC in all).
         rec = [job.param.data_ptr(), job.grad.data_ptr(), *ent.fields, start, step,
                _coef_bits(b1, b2, step), -1, 0, 0]
