@@ -122,7 +122,8 @@ class MicroAdam(torch.optim.Optimizer):
             return loss
 
         # Every state is looked up and checked before the first launch, so that a state that
-        # does not fit its param fails the step with nothing changed, in any group.
+        # does not fit its param fails the step with nothing changed, in any group (before,
+        # an earlier group had already been stepped).
         runs = []
         state_of, layouts = self.state, self._layouts
         for config, items in work:
@@ -143,13 +144,16 @@ class MicroAdam(torch.optim.Optimizer):
                     by_device[p_local.device] = jobs = []
                 jobs.append(ShardJob(p_local, g_local, state, layout, where, memo))
             runs.append((config, by_device))
+        # Backends too are resolved (a CUDA backend asked for CPU tensors fails here) before any runs.
+        plan = []
         for config, by_device in runs:
             hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
                            eps=float(config.eps), weight_decay=float(config.weight_decay),
                            ef_rounding=config.ef_rounding)
             for device, jobs in by_device.items():
-                _, run = select_backend(config.backend, device)
-                run(jobs, hp)  # advances each job's state["step"] and steps it
+                plan.append((select_backend(config.backend, device)[1], jobs, hp))
+        for run, jobs, hp in plan:
+            run(jobs, hp)  # advances each job's state["step"] and steps it
         return loss
 
     def _name(self, where: tuple[int, int]) -> str:

@@ -153,6 +153,21 @@ def test_loading_another_layout_is_refused_and_changes_nothing(seed):
     assert_same(before, snapshot([dst], o2))
 
 
+def test_a_state_that_no_longer_fits_fails_the_step_in_every_group(seed):
+    """A group whose block sizes changed after its state was made fails the step before any
+    group is stepped: the first group's params and state stay as they were."""
+    a, b = torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(2000))
+    opt = MicroAdam([{"params": [a]}, {"params": [b]}], topk_block=256, quant_block=64)
+    a.grad, b.grad = torch.randn(3000), torch.randn(2000)
+    opt.step()
+    opt.param_groups[1]["quant_block"] = 128  # b's state was laid out for 64
+    a.grad, b.grad = torch.randn(3000), torch.randn(2000)
+    before = snapshot([a, b], opt)
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\].*reshard"):
+        opt.step()
+    assert_same(before, snapshot([a, b], opt))
+
+
 def test_corrupt_state_entry_is_refused():
     p = torch.nn.Parameter(torch.randn(100))
     opt = MicroAdam([p])

@@ -126,7 +126,7 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
     launched once it holds FIRST_LAUNCH_BLOCKS top-k blocks, then at 4x as many each
     time. When step() starts on an idle GPU (after a host sync, e.g. the non-finite
     check), the GPU waits only for the first launch instead of the whole host path, and a
-    step makes about log2 of (its top-k blocks / FIRST_LAUNCH_BLOCKS) launches per group.
+    step makes about 1 + log4(its top-k blocks / FIRST_LAUNCH_BLOCKS) launches per group.
     Every tensor's update reads only its own tensors, so how they are split into launches
     does not change any result. The records carry each job's new step (its counter + 1);
     the counters are advanced after the launches, while the GPU runs them.
