@@ -142,3 +142,14 @@ def xi(t: int, i: int) -> float:
     x = (x * 0x846CA68B) & mask
     x ^= x >> 16
     return (x >> 8) * 2.0 ** -24
+
+
+def launch_sizes(sizes: list[int], topk_block: int, first: int) -> list[int]:
+    """Tensors per launch of one group under the documented policy (docs/paper.md): a launch
+    once the pending tensors hold `first` top-k blocks, then 4x as many each time; the rest last."""
+    out, pending, blocks, at = [], 0, 0, first
+    for n in sizes:
+        pending, blocks = pending + 1, blocks + -(-n // topk_block)
+        if blocks >= at:
+            out, pending, blocks, at = out + [pending], 0, 0, 4 * at
+    return out + ([pending] if pending else [])

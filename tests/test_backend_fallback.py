@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import oracle
 from microadam_dist import MicroAdam
 from microadam_dist.ops import builder, cuda as cuda_ops, run_reference, select_backend
 
@@ -135,14 +136,7 @@ def test_cuda_runner_launch_plan(seed, monkeypatch):
     before = [int(opt.state[p]["step"]) for p in params]
     cuda_ops.run_cuda(kernels, jobs + [odd], hp, fallback=lambda js, h: fell_back.extend(js))
     assert fell_back == [odd]
-    # The policy, from the sizes alone.
-    expected, pending, blocks, at = [], 0, 0, 3
-    for n in sizes:
-        pending, blocks = pending + 1, blocks + -(-n // 4096)
-        if blocks >= at:
-            expected, pending, blocks, at = expected + [pending], 0, 0, 4 * at
-    expected += [pending] if pending else []
-    assert [len(t) for t, _, _ in kernels.launches] == expected
+    assert [len(t) for t, _, _ in kernels.launches] == oracle.launch_sizes(sizes, 4096, 3)
     rows = torch.cat([t for t, _, _ in kernels.launches])
     assert rows[:, cuda_ops.F_PARAM].tolist() == [p.data_ptr() for p in params]
     assert rows[:, cuda_ops.F_GRAD].tolist() == [p.grad.data_ptr() for p in params]

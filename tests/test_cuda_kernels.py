@@ -11,6 +11,7 @@ The window row the step writes is poisoned first, so an unwritten entry fails.
 import pytest
 import torch
 
+import oracle
 from microadam_dist import MicroAdam
 
 pytestmark = [pytest.mark.gpu,
@@ -256,13 +257,7 @@ def test_launches_go_out_while_later_tensors_are_prepared(quant_block, seed, mon
         assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
         for pc, pg in zip(cpu, gpu):
             assert int(opt_g.state[pg]["step"]) == int(opt_c.state[pc]["step"])
-    # The documented policy: a launch once the pending tensors hold 1, then 4, 16, ... top-k blocks.
-    expected, pending, blocks, at = [], 0, 0, 1
-    for n in sizes:
-        pending, blocks = pending + 1, blocks + -(-n // 4096)
-        if blocks >= at:
-            expected, pending, blocks, at = expected + [pending], 0, 0, 4 * at
-    expected += [pending] if pending else []
+    expected = oracle.launch_sizes(sizes, 4096, 1)
     assert len(expected) >= 3 and launches == expected * 3, (launches, expected)
 
 
