@@ -137,7 +137,8 @@ def test_one_step_matches_reference(pdtype, gdtype, quant_block, seed):
 @pytest.mark.parametrize("topk_block,quant_block,density,m", [
     (1001, 7, 0.05, 3), (4096, 4096, 0.01, 1), (32768, 32768, 0.01, 4), (2048, 100000, 0.2, 5),
     (4096, 3, 0.01, 2), (1, 1, 1.0, 2), (8192, 64, 0.01, 10), (4096, 64, 0.01, 40),
-    (4096, 1024, 0.01, 4), (4096, 16, 0.02, 3), (1000, 16, 0.03, 2), (512, 100000, 0.05, 32)])
+    (4096, 1024, 0.01, 4), (4096, 16, 0.02, 3), (1000, 16, 0.03, 2), (512, 100000, 0.05, 32),
+    (30720, 768, 0.01, 3)])
 @pytest.mark.parametrize("ef_rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_block_shapes_rounding_decay(topk_block, quant_block, density, m, ef_rounding, weight_decay, seed):
