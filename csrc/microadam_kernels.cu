@@ -164,6 +164,10 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   __shared__ float red[2 * NWARPS];
   __shared__ float qmn[BIGQ_MAX], qmx[BIGQ_MAX];  // big_q: the new range of each quant block
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // big_q is compiled into the general instance and lean instance 2, not into its weight-decay
+  // twin: there it took registers from the rest (stack frame 32 -> 40 bytes) and cost quant block
+  // 4096 0.43 ms (kernel_variants_h100_s11_bigq_wd.json).
+  constexpr bool BIG_Q_IN = MICROADAM_BIG_Q && (LEAN & 3) != 1 && (LEAN & 4) == 0;
   // Fast top-k (topk_cand) where the upper half of a can list its candidates.
   const bool fast = LEAN || (SA > S && !MICROADAM_NO_FAST_TOPK);
   const bool use_mask = LEAN || (m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS);
@@ -174,7 +178,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       block_info(R, vb, B, KB, Q, m, BI);
     }
     if (!fast) for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
-    if (MICROADAM_BIG_Q && (LEAN & 3) != 1 && tid < BIGQ_MAX) { qmn[tid] = INFINITY; qmx[tid] = -INFINITY; }
+    if (BIG_Q_IN && tid < BIGQ_MAX) { qmn[tid] = INFINITY; qmx[tid] = -INFINITY; }
     __syncthreads();
     P* param = reinterpret_cast<P*>(R.param);
     const G* grad = reinterpret_cast<const G*>(R.grad);
@@ -320,8 +324,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     // quant block, so warp reductions folded into shared atomics give the ranges after one
     // barrier, and a second pass quantizes. (The general path below: strided scalar reads, a
     // serial combine in thread 0 and three barriers.)
-    const bool big_q = MICROADAM_BIG_Q && (LEAN & 3) != 1 && onepass && !fused_q && Q > 512 &&
-                       ((Q & 255) == 0 || L <= Q);
+    const bool big_q = BIG_Q_IN && onepass && !fused_q && Q > 512 && ((Q & 255) == 0 || L <= Q);
     if (big_q) {
       const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
       for (int u0 = 0; u0 < nunits; u0 += THREADS) {
