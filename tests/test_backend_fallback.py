@@ -148,3 +148,10 @@ def test_cuda_runner_launch_plan(seed, monkeypatch):
         assert total_blocks == sum(nblocks)
         # Quant block 100000 straddles top-k blocks of 4096 for every tensor over one block.
         assert ntensors2 == sum(int(n) > 4096 for n in table[:, cuda_ops.F_N])
+
+
+def test_first_launch_blocks_setting_is_checked():
+    assert cuda_ops._first_launch_blocks("0") == 0 and cuda_ops._first_launch_blocks("4096") == 4096
+    for bad in ("-1", "many", "1.5"):
+        with pytest.raises(ValueError, match=r"MICROADAM_FIRST_LAUNCH_BLOCKS=.*integer >= 0"):
+            cuda_ops._first_launch_blocks(bad)

@@ -32,7 +32,18 @@ WORKSPACE_BYTES = 64 * 2**20
 # run_cuda launches a group once it holds this many top-k blocks (4 M elements at the
 # default block of 4096), then at 4x as many each time; 0: one launch per group, after
 # every record is built. MICROADAM_FIRST_LAUNCH_BLOCKS overrides it.
-FIRST_LAUNCH_BLOCKS = int(os.environ.get("MICROADAM_FIRST_LAUNCH_BLOCKS", "1024"))
+def _first_launch_blocks(value: str) -> int:
+    try:
+        blocks = int(value)
+    except ValueError:
+        blocks = -1
+    if blocks < 0:
+        raise ValueError(f"MICROADAM_FIRST_LAUNCH_BLOCKS={value!r}: expected an integer >= 0 "
+                         "(top-k blocks before the first launch; 0: one launch per group)")
+    return blocks
+
+
+FIRST_LAUNCH_BLOCKS = _first_launch_blocks(os.environ.get("MICROADAM_FIRST_LAUNCH_BLOCKS", "1024"))
 F_PARAM, F_GRAD, F_EF, F_EF_MIN, F_EF_MAX, F_WIN_IDX, F_WIN_VAL, F_N, F_K_TOTAL, F_K_LAST, \
     F_START, F_STEP, F_COEF, F_WS = range(14)
 
