@@ -68,8 +68,8 @@ class MicroAdam(torch.optim.Optimizer):
         config = MicroAdamConfig.from_kwargs(**given)
         self.nonfinite_skips = 0
         # id(param) -> (its state's layout tensor, numel and block hyper-parameters, Layout,
-        # the backend's memo): the layout check of _state_for, skipped while neither the
-        # state nor the group changed. Keyed by id, not by a weak dictionary (four Python
+        # the backend's memo): step() skips _check_state while neither the state nor the
+        # group changed. Keyed by id, not by a weak dictionary (four Python
         # calls a lookup, on the host time of every step): an id reused by a later tensor
         # meets another state, whose layout tensor is not the one held here, so the check
         # runs again (with a fresh memo).
@@ -121,10 +121,11 @@ class MicroAdam(torch.optim.Optimizer):
             self.nonfinite_skips += 1
             return loss
 
-        # Every state is looked up and checked before the first launch, so that a state that
-        # does not fit its param fails the step with nothing changed, in any group (before,
-        # an earlier group had already been stepped).
-        runs = []
+        # Every state is looked up and checked, and every backend resolved (a CUDA backend
+        # asked for CPU tensors fails here), before anything runs, so that a state that does
+        # not fit its param fails the step with nothing changed, in any group (before, an
+        # earlier group had already been stepped).
+        plan = []
         state_of, layouts = self.state, self._layouts
         for config, items in work:
             by_device: dict[torch.device, list[ShardJob]] = {}
@@ -134,19 +135,16 @@ class MicroAdam(torch.optim.Optimizer):
                 if n == 0:  # e.g. an FSDP rank that holds no part of this param
                     continue
                 state = state_of[p]
-                cached = layouts.get(id(p))  # _state_for's cached check, inlined
-                if cached is not None and cached[0] is state.get("layout") and cached[1] == (n, blocks):
+                key = (n, blocks)
+                cached = layouts.get(id(p))
+                if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
                     layout, memo = cached[2], cached[3]
                 else:
-                    state, layout, memo = self._state_for(p, p_local, config, where)
+                    layout, memo = self._check_state(p, p_local, state, key, config, where)
                 jobs = by_device.get(p_local.device)
                 if jobs is None:
                     by_device[p_local.device] = jobs = []
                 jobs.append(ShardJob(p_local, g_local, state, layout, where, memo))
-            runs.append((config, by_device))
-        # Backends too are resolved (a CUDA backend asked for CPU tensors fails here) before any runs.
-        plan = []
-        for config, by_device in runs:
             hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
                            eps=float(config.eps), weight_decay=float(config.weight_decay),
                            ef_rounding=config.ef_rounding)
@@ -173,16 +171,11 @@ class MicroAdam(torch.optim.Optimizer):
             raise RuntimeError(f"MicroAdam does not support complex params or gradients: {name}")
         raise RuntimeError(f"gradient shape {tuple(grad.shape)} differs from its param: {name}")
 
-    def _state_for(self, p: torch.Tensor, p_local: torch.Tensor, config: MicroAdamConfig,
-                   where: tuple[int, int]) -> tuple[dict, Layout, dict]:
-        """The param's state (created on its first step), its layout, checked against the
-        layout the param and its group need now, and the backend's memo for it. The check
-        is cached per state object."""
-        state = self.state[p]
-        cached = self._layouts.get(id(p))
-        key = (p_local.numel(), (config.topk_block, config.density, config.quant_block, config.m))
-        if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
-            return state, cached[2], cached[3]
+    def _check_state(self, p: torch.Tensor, p_local: torch.Tensor, state: dict, key: tuple,
+                     config: MicroAdamConfig, where: tuple[int, int]) -> tuple[Layout, dict]:
+        """The layout the param and its group need now, with the state created (first step)
+        or checked against it, and a fresh backend memo; cached under id(p) with `key`
+        (numel, block hyper-parameters), which step() compares before calling this."""
         expected = Layout.for_numel(p_local.numel(), config)
         if not state:
             state.update(expected.new_state(p_local.device))
@@ -194,7 +187,7 @@ class MicroAdam(torch.optim.Optimizer):
                     f"and its group now need [{expected.describe()}]; {RESHARD_HINT}")
         memo: dict = {}
         self._layouts[id(p)] = (state["layout"], key, expected, memo)
-        return state, expected, memo
+        return expected, memo
 
     def _gradients_ok(self, work) -> bool:
         """False when the step must be skipped; raises in "raise" mode. One host sync.

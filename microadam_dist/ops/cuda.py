@@ -29,9 +29,8 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 REC = 16
 # Second-pass workspace: two float32 ranges per quant block of the tensors that need it.
 WORKSPACE_BYTES = 64 * 2**20
-# run_cuda launches a group once it holds this many top-k blocks (4 M elements at the
-# default block of 4096), then at 4x as many each time; 0: one launch per group, after
-# every record is built. MICROADAM_FIRST_LAUNCH_BLOCKS overrides it.
+
+
 def _first_launch_blocks(value: str) -> int:
     try:
         blocks = int(value)
@@ -43,6 +42,9 @@ def _first_launch_blocks(value: str) -> int:
     return blocks
 
 
+# run_cuda launches a group once it holds this many top-k blocks (4 M elements at the
+# default block of 4096), then at 4x as many each time; 0: one launch per group, after
+# every record is built. MICROADAM_FIRST_LAUNCH_BLOCKS overrides it.
 FIRST_LAUNCH_BLOCKS = _first_launch_blocks(os.environ.get("MICROADAM_FIRST_LAUNCH_BLOCKS", "1024"))
 F_PARAM, F_GRAD, F_EF, F_EF_MIN, F_EF_MAX, F_WIN_IDX, F_WIN_VAL, F_N, F_K_TOTAL, F_K_LAST, \
     F_START, F_STEP, F_COEF, F_WS = range(14)
