@@ -43,10 +43,11 @@ def use_variant(name: str, flags: list[str]) -> None:
     builder._cache.update(module=mod, how=f"variant {name}")
 
 
-def time_steps(params, quant_block: int, steps: int, wd: float, kernels: bool = False):
+def time_steps(params, quant_block: int, steps: int, wd: float, kernels: bool = False,
+               nonfinite: str = "off"):
     """Median step ms, and with kernels=True the device ms of each kernel in one more step."""
     opt = MicroAdam(params, lr=1e-4, m=10, density=0.01, quant_block=quant_block, weight_decay=wd,
-                    backend="cuda", nonfinite="off")
+                    backend="cuda", nonfinite=nonfinite)
     for _ in range(3):
         opt.step()
     ms = statistics.median(step_times(opt, steps))
@@ -61,6 +62,7 @@ def main():
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--reps", type=int, default=2, help="rounds over the variants, interleaved")
     ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--nonfinite", default="off", help="'skip': the kernels read the gradient check's flag")
     ap.add_argument("--kernels", action="store_true", help="also the device time of each kernel (torch.profiler)")
     ap.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
@@ -79,7 +81,7 @@ def main():
         for name, flags in variants:
             use_variant(name, flags)
             for q in map(int, args.quant_blocks.split(",")):
-                ms, kms, hms = time_steps(params, q, args.steps, args.weight_decay, args.kernels)
+                ms, kms, hms = time_steps(params, q, args.steps, args.weight_decay, args.kernels, args.nonfinite)
                 rows.append(dict(variant=name, flags=flags, quant_block=q, rep=rep, median_ms=ms,
                                  host_ms=hms, **({"kernels_ms": kms} if kms is not None else {})))
                 ks = "  " + ", ".join(f"{k.split('::')[-1]} {v:.2f}" for k, v in kms.items() if v >= 0.01) if kms else ""

@@ -19,6 +19,7 @@ launch per step after every record is built (the build before session 11).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -57,10 +58,11 @@ def make_opt(kind: str, params, args):
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=args.weight_decay, foreach=True)
     from microadam_dist import MicroAdam
     from microadam_dist.ops import cuda as cuda_ops
-    # microadam_q<quant_block>[_skip][_fl<N>]: _skip turns on the default non-finite gradient
-    # check; _fl<N> sets FIRST_LAUNCH_BLOCKS (0: one launch after all records are built).
+    # microadam_q<quant_block>[_skip|_skipsync][_fl<N>]: _skip turns on the default non-finite
+    # gradient check; _skipsync too, with the host waiting for the check before the launches
+    # (time_row); _fl<N> sets FIRST_LAUNCH_BLOCKS (0: one launch after all records are built).
     spec = kind.split("_q")[1].split("_")
-    nonfinite = "skip" if "skip" in spec[1:] else args.nonfinite
+    nonfinite = "skip" if any(s.startswith("skip") for s in spec[1:]) else args.nonfinite
     fl = [s[2:] for s in spec[1:] if s.startswith("fl")]
     default = make_opt.__dict__.setdefault("first_launch_blocks", cuda_ops.FIRST_LAUNCH_BLOCKS)
     cuda_ops.FIRST_LAUNCH_BLOCKS = int(fl[0]) if fl else default
@@ -116,7 +118,33 @@ def host_ms(opt, steps: int = 7) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def host_waits_for_check(on: bool):
+    """With `on`, the gradient check gives the kernels no flag: the host reads the check back
+    before it launches anything (the path for several devices or the reference backend)."""
+    if not on:
+        yield
+        return
+    from microadam_dist import optim
+
+    class HostWaits(optim._GradientCheck):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.go = None
+
+    real, optim._GradientCheck = optim._GradientCheck, HostWaits
+    try:
+        yield
+    finally:
+        optim._GradientCheck = real
+
+
 def time_row(kind, dtype, shapes, args):
+    with host_waits_for_check(kind.endswith("_skipsync") or "_skipsync_" in kind):
+        return _time_row(kind, dtype, shapes, args)
+
+
+def _time_row(kind, dtype, shapes, args):
     params = make_params(shapes, dtype)
     nparams = sum(p.numel() for p in params)
     opt = make_opt(kind, params, args)
@@ -166,7 +194,9 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--nonfinite", default="off", help="MicroAdam's gradient check ('skip' adds a pass)")
     ap.add_argument("--rows", default="bf16:adamw_fused,bf16:adamw_foreach,bf16:microadam_q64,"
-                    "bf16:microadam_q100000,bf16:microadam_q4096,bf16:microadam_q64_skip,bf16:microadam_q64_fl0,"
+                    "bf16:microadam_q100000,bf16:microadam_q4096,bf16:microadam_q64_skip,bf16:microadam_q64_skipsync,"
+                    "bf16:microadam_q4096_skip,"
+                    "bf16:microadam_q64_fl0,"
                     "bf16:microadam_q100000_fl0,fp32:adamw_fused,fp32:microadam_q64,fp32:microadam_q100000")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -40,6 +40,7 @@ struct Rec {
   int64_t n, k_total, start, step, ws;
   int k_last;
   float c1, c2;
+  const bool* go;  // F_GO
 };
 
 // The record at t (a launch-table row of REC fields), unpacked.
@@ -60,6 +61,7 @@ __device__ inline void fill_record(const int64_t* t, Rec& r) {
   r.c1 = __uint_as_float((unsigned)(coef & 0xffffffffu));
   r.c2 = __uint_as_float((unsigned)(coef >> 32));
   r.ws = t[F_WS];
+  r.go = reinterpret_cast<const bool*>(t[F_GO]);
 }
 
 // Thread 0: the record whose F_START range holds virtual block vb (binary search).

@@ -27,7 +27,8 @@ enum Field : int {
   F_STEP,       // 1-based step t after increment
   F_COEF,       // bit patterns of float32 c1 (low 32 bits) and c2 (high 32 bits)
   F_WS,         // offset (floats) of this tensor's quant-block stats in the workspace, -1: one pass
-  F_RESERVED0,
+  F_GO,         // device pointer of the step's go flag (bool; 0: none): when it reads false the kernels
+                //   write nothing (the step's gradient check failed, optim.py step())
   F_RESERVED1,
   REC = 16
 };
@@ -73,6 +74,13 @@ bool one_pass(int64_t n, int topk_block, int quant_block);
 
 // Enqueues the step on `stream` (a cudaStream_t). Returns 0 or a cudaError_t code.
 int launch_step(const StepArgs& args, void* stream);
+
+// The gradient check (nonfinite.cu): a table of CHECK_REC int64 per tensor (data pointer,
+// bytes, DType, first chunk of CHECK_CHUNK bytes); flags holds ntensors + 1 bytes, set to 1
+// by the caller: a tensor's byte is cleared when it holds a NaN or an Inf, the last with any.
+constexpr int CHECK_REC = 4;
+constexpr int64_t CHECK_CHUNK = 1 << 17;
+int launch_nonfinite(const int64_t* table, int ntensors, int64_t total_chunks, uint8_t* flags, void* stream);
 const char* error_string(int code);
 
 }  // namespace microadam

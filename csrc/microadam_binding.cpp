@@ -66,13 +66,29 @@ void step(const at::Tensor& table, int64_t ntensors, int64_t total_blocks, const
   TORCH_CHECK(err == 0, "microadam: kernel launch failed: ", microadam::error_string(err));
 }
 
+void nonfinite(const at::Tensor& table, int64_t ntensors, int64_t total_chunks, const at::Tensor& flags) {
+  const at::Device device = flags.device();
+  check_device_tensor(table, "table", at::kLong, device);
+  check_device_tensor(flags, "flags", at::kBool, device);
+  TORCH_CHECK(table.numel() >= ntensors * microadam::CHECK_REC, "microadam: check table holds ", table.numel(),
+              " fields, fewer than ", ntensors, " records");
+  TORCH_CHECK(flags.numel() == ntensors + 1, "microadam: flags must hold ntensors + 1 bytes");
+  const c10::cuda::CUDAGuard guard(device);
+  const int err = microadam::launch_nonfinite(table.data_ptr<int64_t>(), static_cast<int>(ntensors), total_chunks,
+                                              reinterpret_cast<uint8_t*>(flags.data_ptr<bool>()),
+                                              at::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "microadam: check launch failed: ", microadam::error_string(err));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "Fused MicroAdam CUDA kernels (multi-tensor launch table)";
   mod.def("step", &step, "Enqueue one MicroAdam step for every tensor of a launch table");
+  mod.def("nonfinite", &nonfinite, "Clear the flag of every gradient holding a NaN or an Inf, and the last flag");
   mod.def("one_pass", &microadam::one_pass, "Whether a tensor's EF is requantized in the top-k kernel");
   mod.def("pass1_smem_bytes", &microadam::pass1_smem_bytes, "Dynamic shared memory of the top-k kernel");
   mod.attr("REC") = static_cast<int>(microadam::REC);
   mod.attr("CHUNK2") = microadam::CHUNK2;
+  mod.attr("CHECK_CHUNK") = microadam::CHECK_CHUNK;
 }

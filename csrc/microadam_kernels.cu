@@ -171,15 +171,21 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   // Fast top-k (topk_cand) where the upper half of a can list its candidates.
   const bool fast = LEAN || (SA > S && !MICROADAM_NO_FAST_TOPK);
   const bool use_mask = LEAN || (m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS);
+  // The step's go flag (F_GO): read by thread 0 with the record, by all after the first barrier.
+  // (Read by every thread at the start, from StepArgs, it cost quant block 4096 0.57 ms through
+  // the register allocation: docs/performance.md, session 12.)
+  __shared__ int go_s;
 
   for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
     if (tid == 0) {
       find_record(A.table, A.ntensors, vb, R);
+      go_s = R.go == nullptr || *R.go;
       block_info(R, vb, B, KB, Q, m, BI);
     }
     if (!fast) for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
     if (BIG_Q_IN && tid < BIGQ_MAX) { qmn[tid] = INFINITY; qmx[tid] = -INFINITY; }
     __syncthreads();
+    if (!go_s) return;  // the gradient check failed: every thread leaves, nothing written
     P* param = reinterpret_cast<P*>(R.param);
     const G* grad = reinterpret_cast<const G*>(R.grad);
     const int64_t base = BI.base, col0 = BI.col0, q0 = BI.q0;
@@ -569,10 +575,13 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_P2_MIN_BLOCKS) requant_kern
   __shared__ unsigned flagw[CHUNK2 / 32];
   __shared__ Rec R;
   const int B = A.topk_block, Q = A.quant_block, m = A.m, KB = A.k_block, tid = threadIdx.x;
+  __shared__ int go_s;  // the step's go flag, as in pass 1
   for (int64_t vc = blockIdx.x; vc < A.total_chunks2; vc += gridDim.x) {
     if (tid < 32) find_record_warp(A.table2, A.ntensors2, vc, R);
+    if (tid == 0) go_s = R.go == nullptr || *R.go;
     for (int i = tid; i < CHUNK2 / 32; i += THREADS) flagw[i] = 0u;
     __syncthreads();
+    if (!go_s) return;
     const G* grad = reinterpret_cast<const G*>(R.grad);
     const int64_t c0 = (vc - R.start) * CHUNK2;
     const int len = (int)min((int64_t)CHUNK2, R.n - c0);
@@ -636,6 +645,7 @@ __global__ void fill_ws_kernel(float* ws, int64_t half) {
 // The new ranges of the second-pass tensors replace the old ones once pass 2 is done.
 __global__ void commit_ranges_kernel(StepArgs A) {
   const int64_t* t = A.table2 + (int64_t)blockIdx.y * REC;
+  if (t[F_GO] != 0 && !*reinterpret_cast<const bool*>(t[F_GO])) return;
   const int64_t n = t[F_N], off = t[F_WS];
   const int64_t nq = (n + A.quant_block - 1) / A.quant_block;
   float* mn = reinterpret_cast<float*>(t[F_EF_MIN]);

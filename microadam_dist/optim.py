@@ -13,7 +13,7 @@ import torch
 
 from .config import MicroAdamConfig, normalize_kwargs
 from .layout import STATE_KEYS, Layout
-from .ops import ShardJob, StepHyper, select_backend
+from .ops import ShardJob, StepHyper, finite_flags, select_backend
 
 RESHARD_HINT = ("to move a checkpoint to another world size or sharding, run "
                 "`python -m microadam_dist.checkpoint reshard --src OLD --dst NEW --world-size N` "
@@ -117,42 +117,79 @@ class MicroAdam(torch.optim.Optimizer):
             if items:
                 work.append((config, items))
 
-        if not self._gradients_ok(work):
-            self.nonfinite_skips += 1
-            return loss
+        # The gradient check goes to the GPU first; the host plans while it runs.
+        check = self._start_gradient_check(work)
 
         # Every state is looked up and checked, and every backend resolved (a CUDA backend
         # asked for CPU tensors fails here), before anything runs, so that a state that does
         # not fit its param fails the step with nothing changed, in any group (before, an
-        # earlier group had already been stepped).
+        # earlier group had already been stepped). States created here (a param's first step)
+        # are dropped again if the step fails or is skipped.
         plan = []
+        fresh: list[torch.Tensor] = []
         state_of, layouts = self.state, self._layouts
-        for config, items in work:
-            by_device: dict[torch.device, list[ShardJob]] = {}
-            blocks = (config.topk_block, config.density, config.quant_block, config.m)
-            for p, p_local, g_local, where in items:
-                n = p_local.numel()
-                if n == 0:  # e.g. an FSDP rank that holds no part of this param
-                    continue
-                state = state_of[p]
-                key = (n, blocks)
-                cached = layouts.get(id(p))
-                if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
-                    layout, memo = cached[2], cached[3]
-                else:
-                    layout, memo = self._check_state(p, p_local, state, key, config, where)
-                jobs = by_device.get(p_local.device)
-                if jobs is None:
-                    by_device[p_local.device] = jobs = []
-                jobs.append(ShardJob(p_local, g_local, state, layout, where, memo))
-            hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
-                           eps=float(config.eps), weight_decay=float(config.weight_decay),
-                           ef_rounding=config.ef_rounding)
-            for device, jobs in by_device.items():
-                plan.append((select_backend(config.backend, device)[1], jobs, hp))
-        for run, jobs, hp in plan:
-            run(jobs, hp)  # advances each job's state["step"] and steps it
+        try:
+            for config, items in work:
+                by_device: dict[torch.device, list[ShardJob]] = {}
+                blocks = (config.topk_block, config.density, config.quant_block, config.m)
+                for p, p_local, g_local, where in items:
+                    n = p_local.numel()
+                    if n == 0:  # e.g. an FSDP rank that holds no part of this param
+                        continue
+                    state = state_of[p]
+                    key = (n, blocks)
+                    cached = layouts.get(id(p))
+                    if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
+                        layout, memo = cached[2], cached[3]
+                    else:
+                        if not state:
+                            fresh.append(p)
+                        layout, memo = self._check_state(p, p_local, state, key, config, where)
+                    jobs = by_device.get(p_local.device)
+                    if jobs is None:
+                        by_device[p_local.device] = jobs = []
+                    jobs.append(ShardJob(p_local, g_local, state, layout, where, memo))
+                hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
+                               eps=float(config.eps), weight_decay=float(config.weight_decay),
+                               ef_rounding=config.ef_rounding)
+                for device, jobs in by_device.items():
+                    name, run = select_backend(config.backend, device)
+                    plan.append((name, device, run, jobs, hp))
+        except BaseException:
+            self._forget(fresh)
+            raise
+        if check is None:
+            for _, _, run, jobs, hp in plan:
+                run(jobs, hp)  # advances each job's state["step"] and steps it
+            return loss
+        # One CUDA device, fused kernels only: launch now; the kernels read the check's flag
+        # on the GPU and do nothing if it failed (ops/cuda.py run_cuda). Otherwise the host
+        # waits for the check before running anything.
+        on_gpu = check.go is not None and all(name == "cuda" and device == check.device
+                                              for name, device, _, _, _ in plan)
+        try:
+            finish = [run(jobs, hp, go=check.go) for _, _, run, jobs, hp in plan] if on_gpu else []
+            ok = self._gradients_ok(check)
+        except BaseException:
+            self._forget(fresh)
+            raise
+        if not ok:
+            self._forget(fresh)
+            self.nonfinite_skips += 1
+            return loss
+        if on_gpu:
+            for done in finish:
+                done()  # advances the step counters; runs what the kernels could not take
+        else:
+            for _, _, run, jobs, hp in plan:
+                run(jobs, hp)
         return loss
+
+    def _forget(self, params: list[torch.Tensor]) -> None:
+        """Drop the states step() created for these params (a failed or skipped first step)."""
+        for p in params:
+            self.state.pop(p, None)
+            self._layouts.pop(id(p), None)
 
     def _name(self, where: tuple[int, int]) -> str:
         """Readable name of param_groups[gi]['params'][pi] for error messages."""
@@ -189,26 +226,29 @@ class MicroAdam(torch.optim.Optimizer):
         self._layouts[id(p)] = (state["layout"], key, expected, memo)
         return expected, memo
 
-    def _gradients_ok(self, work) -> bool:
-        """False when the step must be skipped; raises in "raise" mode. One host sync.
-
-        The max-norm of every gradient (one fused multi-tensor reduction per device, no
-        d-sized temporary) is NaN or Inf exactly when the gradient holds a NaN or an Inf.
-        """
+    def _start_gradient_check(self, work) -> "_GradientCheck | None":
+        """Enqueue the non-finite check of every gradient whose group asks for it (None: no
+        check): one multi-tensor read of the gradients per device (ops.finite_flags)."""
         # An FSDP rank may hold no element of a param (an empty local gradient): nothing to check.
         checked = [(config, g, where) for config, items in work if config.nonfinite != "off"
                    for _, _, g, where in items if g.numel()]
         if not checked:
-            return True
+            return None
         by_device: dict[torch.device, list] = {}
         for entry in checked:
             by_device.setdefault(entry[1].device, []).append(entry)
         order = [e for entries in by_device.values() for e in entries]
-        finite = torch.cat([torch.isfinite(torch.stack(torch._foreach_norm([g for _, g, _ in es], float("inf"))))
-                            .cpu() for es in by_device.values()])
+        # The fused check kernel where no group on the device asks for the reference backend.
+        flags = [finite_flags([g for _, g, _ in es], device, all(c.backend != "reference" for c, _, _ in es))
+                 for device, es in by_device.items()]
+        return _GradientCheck([(config, where) for config, _, where in order], flags)
+
+    def _gradients_ok(self, check: "_GradientCheck") -> bool:
+        """False when the step must be skipped; raises in "raise" mode. Waits for the check."""
+        finite = check.result()
         if bool(finite.all()):
             return True
-        bad = [(config, where) for (config, _, where), ok in zip(order, finite.tolist()) if not ok]
+        bad = [(config, where) for (config, where), ok in zip(check.entries, finite.tolist()) if not ok]
         raising = [self._name(where) for config, where in bad if config.nonfinite == "raise"]
         if raising:
             raise FloatingPointError(
@@ -298,3 +338,30 @@ def _place(key: str, value: Any, device: torch.device) -> Any:
 
 
 __all__ = ["MicroAdam", "local_tensor", "RESHARD_HINT"]
+
+
+class _GradientCheck:
+    """A step's gradient check in flight: per checked gradient (in `entries` order) whether
+    it is finite. On one CUDA device `go` is that device's one-element flag "all finite",
+    which the fused kernels read (ops/cuda.py), and the flags come back to the host by an
+    asynchronous copy, so that reading them waits for the check, not for the step."""
+
+    def __init__(self, entries: list, flags: list[tuple[torch.Tensor, torch.Tensor | None]]):
+        self.entries = entries
+        self.go = self.device = self._event = None
+        self._finite = [finite for finite, _ in flags]
+        if len(flags) == 1 and flags[0][0].is_cuda:
+            flags, go = flags[0]
+            self.device = flags.device
+            self.go = go if go is not None else flags.all()
+            self._host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(self.device))
+
+    def result(self) -> torch.Tensor:
+        """The flags on the host (waits for the check alone)."""
+        if self._event is not None:
+            self._event.synchronize()
+            return self._host
+        return torch.cat([f.cpu() for f in self._finite])

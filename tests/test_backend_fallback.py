@@ -12,6 +12,7 @@ import torch
 import oracle
 from microadam_dist import MicroAdam
 from microadam_dist.ops import builder, cuda as cuda_ops, run_reference, select_backend
+from microadam_dist.ops.build_flags import SOURCES
 
 CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
 
@@ -83,12 +84,13 @@ def test_env_report_names_backend_and_reason():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_kernels_compile_with_nvcc(tmp_path):
-    """The CUDA translation unit (it includes no torch header) compiles for sm_90; the
+@pytest.mark.parametrize("source", [s for s in SOURCES if s.endswith(".cu")])
+def test_kernels_compile_with_nvcc(source, tmp_path):
+    """Each CUDA translation unit (they include no torch header) compiles for sm_90; the
     torch binding needs a CUDA torch, so only the GPU machine's build compiles it."""
     out = tmp_path / "k.o"
     cmd = ["nvcc", "-c", "-std=c++17", "-O1", "-gencode=arch=compute_90,code=sm_90",
-           "-Xptxas", "-v", os.path.join(CSRC, "microadam_kernels.cu"), "-o", str(out)]
+           "-Xptxas", "-v", os.path.join(CSRC, source), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     assert out.stat().st_size > 0
@@ -101,7 +103,7 @@ class RecordingKernels:
     CHUNK2 = 32768
 
     def __init__(self):
-        self.launches = []
+        self.launches, self.flags = [], []
 
     def one_pass(self, n, topk_block, quant_block):  # one top-k block, or quant blocks nested in them
         return n <= topk_block or topk_block % quant_block == 0
@@ -109,6 +111,7 @@ class RecordingKernels:
     def step(self, table, ntensors, total_blocks, table2, ntensors2, chunks2, *rest):
         self.launches.append((table[:ntensors * cuda_ops.REC].view(ntensors, cuda_ops.REC).clone(),
                               total_blocks, ntensors2))
+        self.flags += table[:ntensors * cuda_ops.REC].view(ntensors, cuda_ops.REC)[:, cuda_ops.F_GO].tolist()
 
 
 def test_cuda_runner_launch_plan(seed, monkeypatch):
@@ -148,6 +151,34 @@ def test_cuda_runner_launch_plan(seed, monkeypatch):
         assert total_blocks == sum(nblocks)
         # Quant block 100000 straddles top-k blocks of 4096 for every tensor over one block.
         assert ntensors2 == sum(int(n) > 4096 for n in table[:, cuda_ops.F_N])
+
+
+def test_cuda_runner_waits_for_the_gradient_check_before_finishing(seed, monkeypatch):
+    """With the check's flag (go), every launch carries it and the runner returns `finish`:
+    the step counters and the fallback jobs wait for it (a failed check never calls it)."""
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    monkeypatch.setattr(cuda_ops, "_to_device", lambda flat, device: torch.tensor(flat, dtype=torch.int64))
+    monkeypatch.setattr(cuda_ops, "FIRST_LAUNCH_BLOCKS", 2)
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(int(n))) for n in torch.randint(1, 4 * 4096, (6,), generator=gen)]
+    opt = MicroAdam(params, backend="reference", nonfinite="off")
+    for p in params:
+        p.grad = torch.randn(p.numel(), generator=gen)
+    opt.step()
+    from microadam_dist.ops import ShardJob
+    jobs = [ShardJob(p, p.grad, opt.state[p], opt._layouts[id(p)][2], (0, i), {}) for i, p in enumerate(params)]
+    odd = jobs[0]._replace(param=torch.zeros(8)[::2], grad=torch.zeros(4), memo={})
+    hp = cuda_ops.StepHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, ef_rounding="nearest")
+    kernels, fell_back, go = RecordingKernels(), [], torch.ones((), dtype=torch.bool)
+    finish = cuda_ops.run_cuda(kernels, jobs + [odd], hp, fallback=lambda js, h: fell_back.extend(js), go=go)
+    # Every record carries the flag's address (the kernels read it through F_GO).
+    assert len(kernels.launches) > 1 and kernels.flags == [go.data_ptr()] * len(params)
+    assert [int(opt.state[p]["step"]) for p in params] == [1] * len(params) and fell_back == []
+    finish()
+    assert [int(opt.state[p]["step"]) for p in params] == [2] * len(params) and fell_back == [odd]
+    kernels = RecordingKernels()
+    assert cuda_ops.run_cuda(kernels, jobs, hp, fallback=None) is None  # no flag: finished at once
+    assert kernels.flags == [0] * len(params)
 
 
 def test_first_launch_blocks_setting_is_checked():

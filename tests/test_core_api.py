@@ -200,6 +200,27 @@ def test_nonfinite_skip_leaves_everything_untouched(bad, seed):
     assert opt.state_dict()["microadam"]["nonfinite_skips"] == 1
 
 
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_a_rejected_first_step_creates_no_state(mode, seed):
+    """The states of a param's first step are created before the gradient check has answered
+    (the host plans while the GPU checks); a skipped or raising step drops them again."""
+    params, opt = _model_and_opt(seed, nonfinite=mode)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[-1].grad.view(-1)[-1] = float("nan")
+    before = [p.detach().clone() for p in params]
+    if mode == "raise":
+        with pytest.raises(FloatingPointError):
+            opt.step()
+    else:
+        opt.step()
+    assert len(opt.state) == 0 and not opt._layouts
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    params[-1].grad.view(-1)[-1] = 0.0
+    opt.step()
+    assert all(int(opt.state[p]["step"]) == 1 for p in params)
+
+
 def test_nonfinite_raise_names_the_tensor_and_changes_nothing(seed):
     params, opt = _model_and_opt(seed, nonfinite="raise")
     for p in params:
@@ -386,8 +407,8 @@ def test_nonfinite_check_with_an_empty_local_gradient(seed):
     empty = torch.nn.Parameter(torch.randn(0))
     opt = MicroAdam([full, empty], lr=1e-2)
     full.grad, empty.grad = torch.randn(300), torch.randn(0)
-    opt._gradients_ok([(opt._group_config(opt.param_groups[0], 0),
-                        [(empty, empty, empty.grad, (0, 1))])])  # empty only: no error
+    assert opt._start_gradient_check([(opt._group_config(opt.param_groups[0], 0),
+                                       [(empty, empty, empty.grad, (0, 1))])]) is None  # nothing to check
     before = full.detach().clone()
     opt.step()
     assert not torch.equal(full.detach(), before)

@@ -245,9 +245,9 @@ def test_launches_go_out_while_later_tensors_are_prepared(quant_block, seed, mon
     launches = []
     real = cuda_ops._launch
 
-    def counting(module, batch, hp):
+    def counting(module, batch, hp, go):
         launches.append(len(batch))
-        real(module, batch, hp)
+        real(module, batch, hp, go)
     monkeypatch.setattr(cuda_ops, "_launch", counting)
     sizes = [4097, 1, 100003, 5000, 8192 * 3 + 1, 7, 12345]
     cpu, gpu, opt_c, opt_g, gen = make_pair(sizes, torch.bfloat16, torch.bfloat16, 1 + seed % 9, seed,
@@ -260,6 +260,104 @@ def test_launches_go_out_while_later_tensors_are_prepared(quant_block, seed, mon
             assert int(opt_g.state[pg]["step"]) == int(opt_c.state[pc]["step"])
     expected = oracle.launch_sizes(sizes, 4096, 1)
     assert len(expected) >= 3 and launches == expected * 3, (launches, expected)
+
+
+def test_gradient_check_on_the_gpu(seed, monkeypatch):
+    """nonfinite="skip" on one CUDA device: the kernels go out with the check's flag before
+    the host has read it back, and with finite gradients the step equals the reference's
+    (one-pass and second-pass tensors, several launches); a NaN on a param's first step leaves
+    no state behind, and a flag that reads false makes every kernel write nothing."""
+    from microadam_dist.ops import cuda as cuda_ops
+    monkeypatch.setattr(cuda_ops, "FIRST_LAUNCH_BLOCKS", 1)
+    flags = []
+    real = cuda_ops._launch
+
+    def recording(module, batch, hp, go):
+        flags.append(go)
+        real(module, batch, hp, go)
+    monkeypatch.setattr(cuda_ops, "_launch", recording)
+    sizes = [4097, 100003, 7, 8192 * 3 + 1]
+    for quant_block in (64, 100000):
+        cpu, gpu, opt_c, opt_g, gen = make_pair(sizes, torch.bfloat16, torch.bfloat16, 1 + seed % 9, seed,
+                                                quant_block=quant_block, lr=1e-2)
+        opt_g.param_groups[0]["nonfinite"] = "skip"
+        flags.clear()
+        for _ in range(2):
+            step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+            assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
+            for pc, pg in zip(cpu, gpu):
+                assert int(opt_g.state[pg]["step"]) == int(opt_c.state[pc]["step"])
+        # The flag of the check kernel (csrc/nonfinite.cu): one element of its flags.
+        assert len(flags) >= 4 and all(f is not None and f.is_cuda and f.shape == (1,) for f in flags)
+    # A skipped first step creates no state.
+    p = torch.nn.Parameter(torch.randn(5000, device="cuda"))
+    opt = MicroAdam([p], backend="cuda")
+    p.grad = torch.randn(5000, device="cuda")
+    p.grad[4999] = float("nan")
+    before = p.detach().clone()
+    opt.step()
+    assert opt.nonfinite_skips == 1 and p not in opt.state and torch.equal(p.detach(), before)
+    p.grad[4999] = 0.0
+    opt.step()
+    assert int(opt.state[p]["step"]) == 1 and not torch.equal(p.detach(), before)
+    # The runner alone, with a flag that reads false: nothing is written, nothing advanced.
+    for quant_block in (64, 100000):
+        cpu, gpu, opt_c, opt_g, gen = make_pair(sizes, torch.bfloat16, torch.bfloat16, 3, seed,
+                                                quant_block=quant_block)
+        for pg in gpu:
+            set_grad(pg, torch.randn(pg.shape, device="cuda", dtype=torch.bfloat16))
+        saved = [(pg.detach().clone(), {k: v.clone() for k, v in opt_g.state[pg].items()}) for pg in gpu]
+        from microadam_dist.ops import ShardJob
+        jobs = [ShardJob(pg, pg.grad, opt_g.state[pg], opt_g._layouts[id(pg)][2], (0, i), {})
+                for i, pg in enumerate(gpu)]
+        hp = cuda_ops.StepHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                ef_rounding="nearest")
+        finish = cuda_ops.run_cuda(cuda_ops.builder.load(), jobs, hp, fallback=None,
+                                   go=torch.zeros((), dtype=torch.bool, device="cuda"))
+        torch.cuda.synchronize()
+        assert callable(finish)
+        for pg, (p0, s0) in zip(gpu, saved):
+            assert torch.equal(pg.detach().view(torch.int16), p0.view(torch.int16))
+            for k, v in s0.items():
+                now = opt_g.state[pg][k]
+                assert torch.equal(now.view(torch.int16) if v.dtype == torch.bfloat16 else now,
+                                   v.view(torch.int16) if v.dtype == torch.bfloat16 else v), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradient_check_kernel(dtype, seed):
+    """ops.finite_flags on CUDA (csrc/nonfinite.cu) against torch.isfinite, per tensor: sizes
+    around its 16-byte units and its chunks, the largest finite values of the dtype (finite),
+    a NaN, Inf or -Inf at the first, the last or a random element, and views that start one
+    element past a 16-byte boundary (its element-wise path)."""
+    import random
+    from microadam_dist.ops import builder, finite_flags
+    per_chunk = builder.load().CHECK_CHUNK // torch.tensor([], dtype=dtype).element_size()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rng = random.Random(seed)
+    sizes = [1, 7, 8, 9, 4097, per_chunk - 1, per_chunk, per_chunk + 3, 3 * per_chunk + 5, 100003]
+    dev = torch.device("cuda")
+    for rnd in range(4):
+        grads = []
+        for i, n in enumerate(sizes):
+            shift = (i + rnd) % 2
+            g = torch.randn(n + shift, device="cuda", generator=gen).to(dtype)[shift:]
+            for _ in range(3):
+                g[rng.randrange(n)] = rng.choice([1, -1]) * torch.finfo(dtype).max
+            kind = "ok" if rnd == 0 else rng.choice(["ok", "nan", "inf", "-inf"])
+            if kind != "ok":
+                g[rng.choice([0, n - 1, rng.randrange(n)])] = float(kind)
+            grads.append(g)
+        finite, go = finite_flags(grads, dev, True)
+        expect = torch.stack([torch.isfinite(g).all() for g in grads])
+        assert go is not None and go.shape == (1,)
+        assert torch.equal(finite, expect), (rnd, finite.tolist(), expect.tolist())
+        assert bool(go) == bool(expect.all())
+    # The last element of the largest gradient alone.
+    grads = [torch.randn(n, device="cuda", generator=gen).to(dtype) for n in sizes]
+    grads[-2][-1] = float("nan")
+    finite, go = finite_flags(grads, dev, True)
+    assert finite.tolist() == [i != len(sizes) - 2 for i in range(len(sizes))] and not bool(go)
 
 
 def test_load_state_dict_releases_the_replaced_state_tensors(seed):
@@ -329,12 +427,15 @@ def test_huge_tensor_64bit_offsets(seed):
 
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_gradient_skips_the_step_on_cuda(gdtype, bad, seed):
+@pytest.mark.parametrize("quant_block", [4096, 100000])
+def test_nonfinite_gradient_skips_the_step_on_cuda(gdtype, bad, quant_block, seed):
     """nonfinite="skip" on CUDA tensors: one NaN/Inf anywhere leaves every param and state
-    tensor bitwise unchanged and counts the step; a later finite step runs."""
+    tensor bitwise unchanged and counts the step; a later finite step runs. The kernels are
+    launched before the host knows (they read the check's flag on the GPU), the second-pass
+    kernels too (quant block 100000)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(n, device="cuda", generator=gen)) for n in (4097, 12345)]
-    opt = MicroAdam(params, backend="cuda", lr=1e-2)
+    opt = MicroAdam(params, backend="cuda", lr=1e-2, quant_block=quant_block)
     for p in params:
         set_grad(p, torch.randn(p.shape, device="cuda", generator=gen).to(gdtype))
     opt.step()

@@ -47,7 +47,7 @@ def _first_launch_blocks(value: str) -> int:
 # every record is built. MICROADAM_FIRST_LAUNCH_BLOCKS overrides it.
 FIRST_LAUNCH_BLOCKS = _first_launch_blocks(os.environ.get("MICROADAM_FIRST_LAUNCH_BLOCKS", "1024"))
 F_PARAM, F_GRAD, F_EF, F_EF_MIN, F_EF_MAX, F_WIN_IDX, F_WIN_VAL, F_N, F_K_TOTAL, F_K_LAST, \
-    F_START, F_STEP, F_COEF, F_WS = range(14)
+    F_START, F_STEP, F_COEF, F_WS, F_GO = range(15)
 
 _warned: set[str] = set()
 
@@ -132,7 +132,8 @@ class _Entry:
         return ent
 
 
-def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
+def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable,
+             go: torch.Tensor | None = None) -> Callable[[], None] | None:
     """Runner: one fused step for every job (see module docstring).
 
     Launches go out while the later jobs' records are still being built: a group is
@@ -143,6 +144,13 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
     Every tensor's update reads only its own tensors, so how they are split into launches
     does not change any result. The records carry each job's new step (its counter + 1);
     the counters are advanced after the launches, while the GPU runs them.
+
+    `go`: a one-element bool tensor on the jobs' device, or None. Given, every kernel of the
+    step reads it first and does nothing when it is false (the gradient check, computed on
+    the GPU, failed), and the runner returns `finish` instead of finishing: the caller calls
+    it once the check has passed, to advance the step counters and run the jobs the kernels
+    could not take through the fallback; if the check failed it is not called, and nothing
+    has changed. So the host plans and launches while the GPU checks (optim.py step()).
     """
     pending: dict[tuple, list] = {}  # key -> [(job, entry) not launched yet, their top-k blocks, launch at]
     rest, taken = [], []
@@ -159,19 +167,26 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable) -> None:
         slot[0].append((job, ent))
         slot[1] += ent.n_topk_blocks
         if slot[1] >= slot[2]:
-            _launch_group(module, slot[0], hp)
+            _launch_group(module, slot[0], hp, go)
             slot[0], slot[1], slot[2] = [], 0, 4 * slot[2]
     for group, _, _ in pending.values():
         if group:
-            _launch_group(module, group, hp)
-    advance_steps(taken)
-    if rest:
-        fallback(rest, hp)  # advances its jobs' steps itself
+            _launch_group(module, group, hp, go)
+
+    def finish() -> None:
+        advance_steps(taken)
+        if rest:
+            fallback(rest, hp)  # advances its jobs' steps itself
+
+    if go is not None:
+        return finish
+    finish()
+    return None
 
 
-def _launch_group(module, group: list, hp: StepHyper) -> None:
+def _launch_group(module, group: list, hp: StepHyper, go: torch.Tensor | None) -> None:
     for batch in _workspace_batches(group):
-        _launch(module, batch, hp)
+        _launch(module, batch, hp, go)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -208,10 +223,10 @@ def _coef_bits(beta1: float, beta2: float, step: int) -> int:
     return struct.unpack("<q", struct.pack("<ff", c1, c2))[0]
 
 
-assert (F_N, F_START, F_WS, REC) == (7, 10, 13, 16), "the record literal of _launch follows these fields"
+assert (F_N, F_START, F_WS, F_GO, REC) == (7, 10, 13, 14, 16), "the record literal of _launch follows these fields"
 
 
-def _launch(module, batch: list, hp: StepHyper) -> None:
+def _launch(module, batch: list, hp: StepHyper, go: torch.Tensor | None) -> None:
     job0 = batch[0][0]
     lay0 = job0.layout
     device = job0.param.device
@@ -219,11 +234,12 @@ def _launch(module, batch: list, hp: StepHyper) -> None:
     start = chunks = ws_off = 0
     chunk2 = module.CHUNK2  # elements per pass-2 block, as built
     b1, b2 = hp.beta1, hp.beta2
+    go_ptr = go.data_ptr() if go is not None else 0
     for job, ent in batch:
         step = int(job.state["step"]) + 1  # the step this launch takes (advanced after it)
-        # Fields in the order of F_PARAM .. F_WS, then the two reserved ones (REC in all).
+        # Fields in the order of F_PARAM .. F_GO, then the reserved one (REC in all).
         rec = [job.param.data_ptr(), job.grad.data_ptr(), *ent.fields, start, step,
-               _coef_bits(b1, b2, step), -1, 0, 0]
+               _coef_bits(b1, b2, step), -1, go_ptr, 0]
         if ent.two:
             rec[F_WS] = ws_off
             ws_off += ent.n_quant_blocks
@@ -247,6 +263,23 @@ def _launch(module, batch: list, hp: StepHyper) -> None:
                 float(hp.lr), float(1.0 - hp.lr * wd), wd != 0.0, float(hp.eps),
                 hp.ef_rounding == "stochastic", wd != 0.0 or float(hp.eps) == 0.0,
                 DTYPES[job0.param.dtype], DTYPES[job0.grad.dtype])
+
+
+def gradient_flags(module, grads: list, device: torch.device) -> torch.Tensor | None:
+    """len(grads) + 1 bools on `device`: whether each gradient is finite, then whether all
+    are (the step's `go`); one multi-tensor read of the gradients (csrc/nonfinite.cu). None
+    when the kernel cannot read them: a non-contiguous gradient or another dtype."""
+    flat, chunks, chunk = [], 0, module.CHECK_CHUNK
+    for g in grads:
+        dt = DTYPES.get(g.dtype)
+        if dt is None or not g.is_contiguous():
+            return None
+        nbytes = g.numel() * g.element_size()  # > 0: empty gradients are not checked
+        flat += (g.data_ptr(), nbytes, dt, chunks)
+        chunks += -(-nbytes // chunk)
+    flags = torch.ones(len(grads) + 1, dtype=torch.bool, device=device)
+    module.nonfinite(_to_device(flat, device), len(grads), chunks, flags)
+    return flags
 
 
 def _to_device(flat: list, device: torch.device) -> torch.Tensor:
