@@ -28,9 +28,10 @@
 #define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
 #endif
 #ifndef MICROADAM_LEAN
-#define MICROADAM_LEAN 7  // lean instances of pass 1 for common launches (lean_kind): bit 0 the one with
+#define MICROADAM_LEAN 15  // lean instances of pass 1 for common launches (lean_kind): bit 0 the one with
                           // quant blocks fused by shuffles, bit 1 the one for other one-pass quant blocks,
-                          // bit 2: a twin of each with the dense sweep, for launches with weight decay
+                          // bit 2: a twin of each with the dense sweep, for launches with weight decay,
+                          // bit 3: the one for one quant block per top-k block (quant_block == topk_block)
 #endif
 #ifndef MICROADAM_PF_PARAM
 #define MICROADAM_PF_PARAM 1  // 1: L2 prefetch of every 32-byte sector of the block's params at its start (the
@@ -137,7 +138,8 @@ __device__ __forceinline__ void block_info(const Rec& R, int64_t vb, int B, int 
 // LEAN > 0: instances for launches where every tensor takes the fast top-k, the window rows
 // staged in shared memory, the bitmask moments, one pass, and no dense sweep (lean_kind;
 // LEAN & 4: the twins that keep the sweep, for weight decay);
-// LEAN & 3 == 1 also fuses quant blocks by shuffles. The other paths are compiled out of them.
+// LEAN & 3 == 1 also fuses quant blocks by shuffles; LEAN & 3 == 3: one quant block per top-k
+// block (its range read once). The other paths are compiled out of them.
 template <typename P, typename G, int LEAN>
 __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update_kernel(StepArgs A) {
   extern __shared__ float4 smem_raw[];
@@ -168,6 +170,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   // twin: there it took registers from the rest (stack frame 32 -> 40 bytes) and cost quant block
   // 4096 0.43 ms (kernel_variants_h100_s11_bigq_wd.json).
   constexpr bool BIG_Q_IN = MICROADAM_BIG_Q && (LEAN & 3) != 1 && (LEAN & 4) == 0;
+  constexpr bool ONEQ = (LEAN & 3) == 3;  // quant_block == topk_block: q0 = the block's index, r0 = 0
   // Fast top-k (topk_cand) where the upper half of a can list its candidates.
   const bool fast = LEAN || (SA > S && !MICROADAM_NO_FAST_TOPK);
   const bool use_mask = LEAN || (m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS);
@@ -193,7 +196,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const unsigned r0 = BI.r0, kdiv = BI.kdiv;
     // Row of window entry e.
     auto row_of = [&](int e) { return kdiv ? (int)__umulhi((unsigned)e, kdiv) : e / kj; };
-    const bool onepass = (LEAN & 3) == 1 || ((LEAN & 3) == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
+    const bool onepass = (LEAN & 3) == 1 || ONEQ || ((LEAN & 3) == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
     const int nunits = (L + 7) / 8;
     if (MICROADAM_PF_PARAM == 1) {
       const int nbytes = L * (int)sizeof(P);
@@ -231,6 +234,11 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const bool vec_in = (base % 8 == 0) && aligned16(grad + base) &&
                         (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
     float amax = 0.0f;
+    float lo1 = 0.0f, sc1 = 0.0f;  // ONEQ: the block's one range
+    if (ONEQ) {
+      lo1 = R.ef_min[q0];
+      sc1 = ef_scale(lo1, R.ef_max[q0]);
+    }
     for (int u0 = tid; u0 < nunits; u0 += 2 * THREADS) {
       float g[2][8];
       unsigned codes[2];
@@ -245,7 +253,12 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         if (u >= nunits) continue;
         const int valid = min(8, L - 8 * u);
         float out[8];
-        dequant_unit<(LEAN & 3) == 1>(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
+        if (ONEQ) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) out[j] = __fadd_rn(g[h][j], dequant_code((codes[h] >> (4 * j)) & 15u, lo1, sc1));
+        } else {
+          dequant_unit<(LEAN & 3) == 1>(g[h], codes[h], R.ef_min, R.ef_max, q0, r0 + 8u * u, Q, valid, out);
+        }
         store_unit(a + 8 * u, out, valid);
         if (fast && valid == 8) {
 #pragma unroll
@@ -348,7 +361,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         mn = warp_min(mn);
         mx = warp_max(mx);
         if (lane == 0 && u < nunits) {
-          const int ql = (int)((8u * (unsigned)u) / (unsigned)Q);
+          const int ql = ONEQ ? 0 : (int)((8u * (unsigned)u) / (unsigned)Q);
           atomic_min_f(&qmn[ql], mn);
           atomic_max_f(&qmx[ql], mx);
         }
@@ -357,9 +370,9 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       for (int u = tid; u < nunits; u += THREADS) {
         const int valid = min(8, L - 8 * u);
         const unsigned e0 = 8u * (unsigned)u;
-        const int ql = (int)(e0 / (unsigned)Q);
+        const int ql = ONEQ ? 0 : (int)(e0 / (unsigned)Q);
         const float lo = qmn[ql], hi = qmx[ql], sc = ef_scale(lo, hi);
-        if (e0 % (unsigned)Q == 0u) { R.ef_min[q0 + ql] = lo; R.ef_max[q0 + ql] = hi; }
+        if (ONEQ ? u == 0 : e0 % (unsigned)Q == 0u) { R.ef_min[q0 + ql] = lo; R.ef_max[q0 + ql] = hi; }
         float v[8];
         load_unit_smem(a + 8 * u, v, valid);
         const unsigned w = quant_unit(v, valid, lo, sc, scale_inv(sc), A.stochastic, R.step, base + 8 * u);
@@ -660,7 +673,8 @@ __global__ void commit_ranges_kernel(StepArgs A) {
 // The lean instance of pass 1 a launch can take (0: none): the fast top-k, the staged window,
 // the bitmask moments, every tensor one pass (unless MICROADAM_LEAN_TWOPASS: instance 2 keeps
 // the per-tensor test); 1 when its quant blocks (8..256, a power of two) are fused with
-// shuffles; plus 4 for the twin with the dense sweep (weight decay) when MICROADAM_LEAN & 4.
+// shuffles; 3 when the quant block is the top-k block (MICROADAM_LEAN & 8); plus 4 for the twin
+// with the dense sweep (weight decay) when MICROADAM_LEAN & 4.
 int lean_kind(const StepArgs& A) {
   const int Q = A.quant_block;
   const bool lean = A.win_smem && (!A.dense || (MICROADAM_LEAN & 4)) &&
@@ -670,6 +684,7 @@ int lean_kind(const StepArgs& A) {
   const int sweep = A.dense ? 4 : 0;
   if (A.ntensors2 > 0) return (MICROADAM_LEAN & 2) && MICROADAM_LEAN_TWOPASS ? 2 | sweep : 0;
   if ((MICROADAM_LEAN & 1) && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0) return 1 | sweep;
+  if ((MICROADAM_LEAN & 8) && Q == A.topk_block) return 3 | sweep;
   return (MICROADAM_LEAN & 2) ? 2 | sweep : 0;
 }
 
@@ -713,6 +728,12 @@ cudaError_t dispatch_lean(const StepArgs& A, cudaStream_t s) {
     if (kind == 2) return launch_pass1<P, G, 2>(A, s);
 #if MICROADAM_LEAN & 4
     if (kind == 6) return launch_pass1<P, G, 6>(A, s);
+#endif
+#endif
+#if MICROADAM_LEAN & 8
+    if (kind == 3) return launch_pass1<P, G, 3>(A, s);
+#if MICROADAM_LEAN & 4
+    if (kind == 7) return launch_pass1<P, G, 7>(A, s);
 #endif
 #endif
   }
