@@ -48,6 +48,10 @@
                            // with shared atomics, one barrier, then quantize (big_q below; pass 1 at quant
                            // block 1024: 16.11 -> 14.17 ms, at 4096 unchanged)
 #endif
+#ifndef MICROADAM_CAND_RANGE
+#define MICROADAM_CAND_RANGE 1  // 1: lean instance 3 takes its block's new range from the candidates of the
+                                // top-k that are not kept when they hold both signs (no pass over a)
+#endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
 #endif
@@ -171,6 +175,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   // 4096 0.43 ms (kernel_variants_h100_s11_bigq_wd.json).
   constexpr bool BIG_Q_IN = MICROADAM_BIG_Q && (LEAN & 3) != 1 && (LEAN & 4) == 0;
   constexpr bool ONEQ = (LEAN & 3) == 3;  // quant_block == topk_block: q0 = the block's index, r0 = 0
+  // The one range of the block from the top-k's candidates (qmn[0], qmx[0]), needs big_q's arrays.
+  constexpr bool CAND_RANGE = ONEQ && BIG_Q_IN && MICROADAM_CAND_RANGE;
   // Fast top-k (topk_cand) where the upper half of a can list its candidates.
   const bool fast = LEAN || (SA > S && !MICROADAM_NO_FAST_TOPK);
   const bool use_mask = LEAN || (m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS);
@@ -293,7 +299,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         for (int w = 0; w < NWARPS; ++w) bmax = fmaxf(bmax, red[w]);
         unsigned* ckey = reinterpret_cast<unsigned*>(a + S);
         const int cap = S / 2;  // (key, index) pairs
-        done = topk_cand(a, L, kj, bmax, hist, ckey, ckey + cap, cap, gi, gv, si, sv, sw, gcnt, wcount, bcast);
+        done = topk_cand<CAND_RANGE>(a, L, kj, bmax, hist, ckey, ckey + cap, cap, gi, gv, si, sv, sw, gcnt, wcount,
+                                     bcast, qmn, qmx);
       }
       if (!done) {
         const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast, !fast);
@@ -346,33 +353,41 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const bool big_q = BIG_Q_IN && onepass && !fused_q && Q > 512 && ((Q & 255) == 0 || L <= Q);
     if (big_q) {
       const bool vec_out = (base % 8 == 0) && (((uintptr_t)(R.ef + (base >> 1)) & 3u) == 0);
-      for (int u0 = 0; u0 < nunits; u0 += THREADS) {
-        const int u = u0 + tid;
-        const int valid = u < nunits ? min(8, L - 8 * u) : 0;
-        float mn = INFINITY, mx = -INFINITY;
-        if (valid > 0) {
-          float v[8];
-          load_unit_smem(a + 8 * u, v, valid);
+      // CAND_RANGE: slot 0 holds the range of the top-k's candidates not kept; with both signs
+      // it is the block's range and the pass below is skipped, else the pass fills slot 1 (not
+      // slot 0, which the other threads may not have read yet: the test must be uniform).
+      const bool cand = CAND_RANGE && qmn[0] < 0.0f && qmx[0] > 0.0f;
+      const int q1 = CAND_RANGE ? 1 : 0;  // ONEQ: the slot of the pass
+      if (!cand) {
+        for (int u0 = 0; u0 < nunits; u0 += THREADS) {
+          const int u = u0 + tid;
+          const int valid = u < nunits ? min(8, L - 8 * u) : 0;
+          float mn = INFINITY, mx = -INFINITY;
+          if (valid > 0) {
+            float v[8];
+            load_unit_smem(a + 8 * u, v, valid);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (j < valid) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
+            for (int j = 0; j < 8; ++j) {
+              if (j < valid) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
+            }
+          }
+          mn = warp_min(mn);
+          mx = warp_max(mx);
+          if (lane == 0 && u < nunits) {
+            const int ql = ONEQ ? q1 : (int)((8u * (unsigned)u) / (unsigned)Q);
+            atomic_min_f(&qmn[ql], mn);
+            atomic_max_f(&qmx[ql], mx);
           }
         }
-        mn = warp_min(mn);
-        mx = warp_max(mx);
-        if (lane == 0 && u < nunits) {
-          const int ql = ONEQ ? 0 : (int)((8u * (unsigned)u) / (unsigned)Q);
-          atomic_min_f(&qmn[ql], mn);
-          atomic_max_f(&qmx[ql], mx);
-        }
+        __syncthreads();
       }
-      __syncthreads();
       for (int u = tid; u < nunits; u += THREADS) {
         const int valid = min(8, L - 8 * u);
         const unsigned e0 = 8u * (unsigned)u;
-        const int ql = ONEQ ? 0 : (int)(e0 / (unsigned)Q);
+        const int ql = ONEQ ? (cand ? 0 : q1) : (int)(e0 / (unsigned)Q);
         const float lo = qmn[ql], hi = qmx[ql], sc = ef_scale(lo, hi);
-        if (ONEQ ? u == 0 : e0 % (unsigned)Q == 0u) { R.ef_min[q0 + ql] = lo; R.ef_max[q0 + ql] = hi; }
+        const int64_t qg = q0 + (ONEQ ? 0 : ql);
+        if (ONEQ ? u == 0 : e0 % (unsigned)Q == 0u) { R.ef_min[qg] = lo; R.ef_max[qg] = hi; }
         float v[8];
         load_unit_smem(a + 8 * u, v, valid);
         const unsigned w = quant_unit(v, valid, lo, sc, scale_inv(sc), A.stochastic, R.step, base + 8 * u);

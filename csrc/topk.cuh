@@ -175,10 +175,16 @@ namespace microadam {
 // same result.
 // Units of 8 elements: unit u = h * THREADS + tid in round h; gcnt holds 32 unsigned
 // (rounds * NWARPS <= 32, so L <= 8192), wcount 2 * NWARPS; hist HIST_BINS >= L / 8.
+// RANGE: also fold the smallest and the largest value of the candidates not kept into
+// *rmin and *rmax (shared, by atomics; the caller initializes them). Every element not
+// listed is smaller in magnitude than every candidate, so when the candidates not kept hold
+// both signs these are the block's minimum and maximum after the kept ones are zeroed.
+template <bool RANGE = false>
 __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* hist, unsigned* ckey,
                                  unsigned* cidx, int cap, int16_t* widx, __nv_bfloat16* wval,
                                  int16_t* sidx, __nv_bfloat16* sval, unsigned* sw, unsigned* gcnt,
-                                 unsigned* wcount, unsigned* bcast) {
+                                 unsigned* wcount, unsigned* bcast, float* rmin = nullptr,
+                                 float* rmax = nullptr) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nunits = (L + 7) / 8;
   const int rounds = (nunits + THREADS - 1) / THREADS;
@@ -312,15 +318,28 @@ __device__ inline bool topk_cand(float* a, int L, int k, float amax, unsigned* h
   }
   const unsigned packed = block_excl_scan(ngt | (neq << 16), sw);
   unsigned my_gt = packed & 0xffffu, my_eq = packed >> 16;
+  float cmn = INFINITY, cmx = -INFINITY;
   for (unsigned e = e0; e < e1; ++e) {
     const unsigned key = ckey[e];
     const bool gt = key > T, eq = key == T;
     if (gt || (eq && my_eq < take_eq)) {
       const int i = (int)cidx[e];
       keep_entry(a, i, a[i], my_gt + min(my_eq, take_eq), widx, wval, sidx, sval);
+    } else if (RANGE) {
+      const float v = a[cidx[e]];
+      cmn = fminf(cmn, v);
+      cmx = fmaxf(cmx, v);
     }
     my_gt += gt;
     my_eq += eq;
+  }
+  if (RANGE) {
+    cmn = warp_min(cmn);
+    cmx = warp_max(cmx);
+    if ((threadIdx.x & 31) == 0) {
+      atomic_min_f(rmin, cmn);
+      atomic_max_f(rmax, cmx);
+    }
   }
   __syncthreads();
   return true;
