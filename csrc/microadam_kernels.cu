@@ -52,6 +52,13 @@
 #define MICROADAM_CAND_RANGE 1  // 1: lean instance 3 takes its block's new range from the candidates of the
                                 // top-k that are not kept when they hold both signs (no pass over a)
 #endif
+#ifndef MICROADAM_CAND_RANGE2
+#define MICROADAM_CAND_RANGE2 1  // 1: lean instance 2, likewise for a top-k block inside one quant block of a
+                                 // second-pass tensor (quant block 100000): its range without the block pass
+#endif
+#ifndef MICROADAM_BIG_Q_WD3
+#define MICROADAM_BIG_Q_WD3 1  // 1: big_q (and so the candidate range) in the weight-decay twin of instance 3
+#endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
 #endif
@@ -173,10 +180,14 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   // big_q is compiled into the general instance and lean instance 2, not into its weight-decay
   // twin: there it took registers from the rest (stack frame 32 -> 40 bytes) and cost quant block
   // 4096 0.43 ms (kernel_variants_h100_s11_bigq_wd.json).
-  constexpr bool BIG_Q_IN = MICROADAM_BIG_Q && (LEAN & 3) != 1 && (LEAN & 4) == 0;
+  constexpr bool BIG_Q_IN = MICROADAM_BIG_Q && (LEAN & 3) != 1 &&
+                            ((LEAN & 4) == 0 || ((LEAN & 3) == 3 && MICROADAM_BIG_Q_WD3));
   constexpr bool ONEQ = (LEAN & 3) == 3;  // quant_block == topk_block: q0 = the block's index, r0 = 0
   // The one range of the block from the top-k's candidates (qmn[0], qmx[0]), needs big_q's arrays.
   constexpr bool CAND_RANGE = ONEQ && BIG_Q_IN && MICROADAM_CAND_RANGE;
+  // Instance 2: the candidates' range goes to crange (qmn/qmx hold big_q's ranges of several quant blocks).
+  constexpr bool CAND_RANGE2 = (LEAN & 3) == 2 && MICROADAM_CAND_RANGE2;
+  __shared__ float crange[2];
   // Fast top-k (topk_cand) where the upper half of a can list its candidates.
   const bool fast = LEAN || (SA > S && !MICROADAM_NO_FAST_TOPK);
   const bool use_mask = LEAN || (m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS);
@@ -193,6 +204,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     }
     if (!fast) for (int b = tid; b < HIST_BINS; b += THREADS) hist[b] = 0u;
     if (BIG_Q_IN && tid < BIGQ_MAX) { qmn[tid] = INFINITY; qmx[tid] = -INFINITY; }
+    if (CAND_RANGE2 && tid == 0) { crange[0] = INFINITY; crange[1] = -INFINITY; }
     __syncthreads();
     if (!go_s) return;  // the gradient check failed: every thread leaves, nothing written
     P* param = reinterpret_cast<P*>(R.param);
@@ -299,8 +311,9 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         for (int w = 0; w < NWARPS; ++w) bmax = fmaxf(bmax, red[w]);
         unsigned* ckey = reinterpret_cast<unsigned*>(a + S);
         const int cap = S / 2;  // (key, index) pairs
-        done = topk_cand<CAND_RANGE>(a, L, kj, bmax, hist, ckey, ckey + cap, cap, gi, gv, si, sv, sw, gcnt, wcount,
-                                     bcast, qmn, qmx);
+        done = topk_cand<CAND_RANGE || CAND_RANGE2>(a, L, kj, bmax, hist, ckey, ckey + cap, cap, gi, gv, si, sv, sw,
+                                                    gcnt, wcount, bcast, CAND_RANGE ? qmn : crange,
+                                                    CAND_RANGE ? qmx : crange + 1);
       }
       if (!done) {
         const uint2 thr = topk_threshold(a, L, kj, hist, sw, bcast, !fast);
@@ -421,6 +434,10 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         mx = warp_max(mx);
         if (lane == 0) sink(ql, mn, mx);
       }
+    } else if (CAND_RANGE2 && nql == 1 && crange[0] < 0.0f && crange[1] > 0.0f) {
+      // The block lies in one quant block and the top-k's candidates not kept hold both signs:
+      // their range is the block's (topk_cand).
+      if (tid == 0) sink(0, crange[0], crange[1]);
     } else {
       for (int ql = 0; ql < nql; ++ql) {
         const int64_t lo_i = (int64_t)ql * Q - r0;

@@ -194,17 +194,19 @@ def test_sparse_gradient_falls_back_to_the_general_top_k(seed):
 
 @pytest.mark.parametrize("shape", ["big_positive_small_negative", "all_negative", "gaussian"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_one_signed_candidates_take_the_range_pass(shape, weight_decay, seed):
-    """Quant block = top-k block (lean instance 3): the block's new range comes from the
-    top-k's candidates not kept when they hold both signs. Here they hold one sign only
-    (large positive entries among small negative ones, or all negative), so the range needs
-    the pass over the block; the EF must still match the reference byte for byte."""
+@pytest.mark.parametrize("quant_block", [4096, 100000])
+def test_one_signed_candidates_take_the_range_pass(shape, weight_decay, quant_block, seed):
+    """A top-k block inside one quant block (quant block = top-k block: lean instance 3; or
+    100000, a second-pass tensor: instance 2) takes its new range from the top-k's candidates
+    not kept when they hold both signs. Here they hold one sign only (large positive entries
+    among small negative ones, or all negative), so the range needs the pass over the block;
+    the EF must still match the reference byte for byte."""
     def grad(n, gen):
         g = torch.randn(n, generator=gen)
         if shape == "big_positive_small_negative":
             return torch.where(torch.rand(n, generator=gen) < 0.5, g.abs(), -0.01 * g.abs())
         return -g.abs() if shape == "all_negative" else g
-    _zero_ef_step([8192, 4097, 300], torch.bfloat16, torch.bfloat16, seed, grad, quant_block=4096,
+    _zero_ef_step([8192, 4097, 300], torch.bfloat16, torch.bfloat16, seed, grad, quant_block=quant_block,
                   weight_decay=weight_decay)
 
 
@@ -250,6 +252,15 @@ def test_replaced_state_tensors_and_param_data_between_steps(seed):
         assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
 
 
+def steps_agree(cpu, gpu, opt_c, opt_g, gen, steps):
+    """`steps` bf16 steps on both sides, each compared (step counters included)."""
+    for _ in range(steps):
+        step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+        assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
+        for pc, pg in zip(cpu, gpu):
+            assert int(opt_g.state[pg]["step"]) == int(opt_c.state[pc]["step"])
+
+
 @pytest.mark.parametrize("quant_block", [64, 100000])
 def test_launches_go_out_while_later_tensors_are_prepared(quant_block, seed, monkeypatch):
     """run_cuda launches a group as soon as it holds FIRST_LAUNCH_BLOCKS top-k blocks, then
@@ -269,11 +280,7 @@ def test_launches_go_out_while_later_tensors_are_prepared(quant_block, seed, mon
     cpu, gpu, opt_c, opt_g, gen = make_pair(sizes, torch.bfloat16, torch.bfloat16, 1 + seed % 9, seed,
                                             quant_block=quant_block, lr=1e-2)
     launches.clear()
-    for _ in range(3):
-        step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
-        assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
-        for pc, pg in zip(cpu, gpu):
-            assert int(opt_g.state[pg]["step"]) == int(opt_c.state[pc]["step"])
+    steps_agree(cpu, gpu, opt_c, opt_g, gen, 3)
     expected = oracle.launch_sizes(sizes, 4096, 1)
     assert len(expected) >= 3 and launches == expected * 3, (launches, expected)
 
@@ -298,11 +305,7 @@ def test_gradient_check_on_the_gpu(seed, monkeypatch):
                                                 quant_block=quant_block, lr=1e-2)
         opt_g.param_groups[0]["nonfinite"] = "skip"
         flags.clear()
-        for _ in range(2):
-            step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
-            assert_same(cpu, gpu, opt_c, opt_g, torch.bfloat16)
-            for pc, pg in zip(cpu, gpu):
-                assert int(opt_g.state[pg]["step"]) == int(opt_c.state[pc]["step"])
+        steps_agree(cpu, gpu, opt_c, opt_g, gen, 2)
         # The flag of the check kernel (csrc/nonfinite.cu): one element of its flags.
         assert len(flags) >= 4 and all(f is not None and f.is_cuda and f.shape == (1,) for f in flags)
     # A skipped first step creates no state.
