@@ -177,9 +177,9 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   __shared__ float red[2 * NWARPS];
   __shared__ float qmn[BIGQ_MAX], qmx[BIGQ_MAX];  // big_q: the new range of each quant block
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // big_q is compiled into the general instance and lean instance 2, not into its weight-decay
-  // twin: there it took registers from the rest (stack frame 32 -> 40 bytes) and cost quant block
-  // 4096 0.43 ms (kernel_variants_h100_s11_bigq_wd.json).
+  // big_q is compiled into the general instance, lean instances 2 and 3 and the weight-decay twin
+  // of 3 (MICROADAM_BIG_Q_WD3), not into the twin of 2: there it took registers from the rest
+  // (stack frame 32 -> 40 bytes) and cost quant block 4096 0.43 ms (kernel_variants_h100_s11_bigq_wd.json).
   constexpr bool BIG_Q_IN = MICROADAM_BIG_Q && (LEAN & 3) != 1 &&
                             ((LEAN & 4) == 0 || ((LEAN & 3) == 3 && MICROADAM_BIG_Q_WD3));
   constexpr bool ONEQ = (LEAN & 3) == 3;  // quant_block == topk_block: q0 = the block's index, r0 = 0

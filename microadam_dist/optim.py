@@ -158,18 +158,14 @@ class MicroAdam(torch.optim.Optimizer):
         except BaseException:
             self._forget(fresh)
             raise
-        if check is None:
-            for _, _, run, jobs, hp in plan:
-                run(jobs, hp)  # advances each job's state["step"] and steps it
-            return loss
         # One CUDA device, fused kernels only: launch now; the kernels read the check's flag
         # on the GPU and do nothing if it failed (ops/cuda.py run_cuda). Otherwise the host
-        # waits for the check before running anything.
-        on_gpu = check.go is not None and all(name == "cuda" and device == check.device
-                                              for name, device, _, _, _ in plan)
+        # waits for the check (if any) before running anything.
+        on_gpu = check is not None and check.go is not None and all(
+            name == "cuda" and device == check.device for name, device, _, _, _ in plan)
         try:
             finish = [run(jobs, hp, go=check.go) for _, _, run, jobs, hp in plan] if on_gpu else []
-            ok = self._gradients_ok(check)
+            ok = check is None or self._gradients_ok(check)
         except BaseException:
             self._forget(fresh)
             raise
@@ -182,7 +178,7 @@ class MicroAdam(torch.optim.Optimizer):
                 done()  # advances the step counters; runs what the kernels could not take
         else:
             for _, _, run, jobs, hp in plan:
-                run(jobs, hp)
+                run(jobs, hp)  # advances each job's state["step"] and steps it
         return loss
 
     def _forget(self, params: list[torch.Tensor]) -> None:

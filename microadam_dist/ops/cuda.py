@@ -145,8 +145,9 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable,
     does not change any result. The records carry each job's new step (its counter + 1);
     the counters are advanced after the launches, while the GPU runs them.
 
-    `go`: a one-element bool tensor on the jobs' device, or None. Given, every kernel of the
-    step reads it first and does nothing when it is false (the gradient check, computed on
+    `go`: a one-element bool tensor on the jobs' device, or None. Given, its address goes in
+    every record (F_GO); each block of the step's kernels reads it with its record and does
+    nothing when it is false (the gradient check, computed on
     the GPU, failed), and the runner returns `finish` instead of finishing: the caller calls
     it once the check has passed, to advance the step counters and run the jobs the kernels
     could not take through the fallback; if the check failed it is not called, and nothing
