@@ -43,6 +43,9 @@
 #ifndef MICROADAM_P2_MIN_BLOCKS
 #define MICROADAM_P2_MIN_BLOCKS 6  // __launch_bounds__ of pass 2: resident blocks per SM (4, 5, 7, 8 measured slower)
 #endif
+#ifndef MICROADAM_P2_AHEAD
+#define MICROADAM_P2_AHEAD 0  // pass 2: L2 prefetch of the gradient and EF this many rounds ahead (0: none)
+#endif
 #ifndef MICROADAM_BIG_Q
 #define MICROADAM_BIG_Q 1  // 1: one-pass quant blocks over 512 take their min/max by warp reductions folded
                            // with shared atomics, one barrier, then quantize (big_q below; pass 1 at quant
@@ -58,6 +61,14 @@
 #endif
 #ifndef MICROADAM_BIG_Q_WD3
 #define MICROADAM_BIG_Q_WD3 1  // 1: big_q (and so the candidate range) in the weight-decay twin of instance 3
+#endif
+#ifndef MICROADAM_SPLIT_UPD
+#define MICROADAM_SPLIT_UPD 1  // 1: the weight-decay twins: the owners of window positions only compute each
+                               // position's step into shared memory; then one pass decays and updates every param
+                               // (pass 1 with weight decay 0.1: 16.5 -> 13.9 ms at quant block 4096)
+#endif
+#ifndef MICROADAM_SPLIT_ILP
+#define MICROADAM_SPLIT_ILP 1  // units of 8 params a thread loads before storing any, in that pass (2: +0.5 ms)
 #endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
@@ -125,6 +136,46 @@ __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w,
   }
 }
 
+// 8 consecutive params as raw bits (16-byte aligned): 4 words of two 16-bit values, or 8 floats.
+template <typename P>
+struct Raw8 {
+  unsigned w[sizeof(P) == 4 ? 8 : 4];
+};
+template <typename P>
+__device__ __forceinline__ void load_raw8(const P* p, Raw8<P>& r) {
+#pragma unroll
+  for (int h = 0; h < (int)sizeof(P) / 2; ++h) {
+    const uint4 x = reinterpret_cast<const uint4*>(p)[h];
+    r.w[4 * h] = x.x; r.w[4 * h + 1] = x.y; r.w[4 * h + 2] = x.z; r.w[4 * h + 3] = x.w;
+  }
+}
+template <typename P>
+__device__ __forceinline__ void store_raw8(P* p, const Raw8<P>& r) {
+#pragma unroll
+  for (int h = 0; h < (int)sizeof(P) / 2; ++h)
+    reinterpret_cast<uint4*>(p)[h] = make_uint4(r.w[4 * h], r.w[4 * h + 1], r.w[4 * h + 2], r.w[4 * h + 3]);
+}
+// Element j as float (to_f), and replaced by from_f<P>(x); the other bits are kept.
+template <typename P>
+__device__ __forceinline__ float raw_get(const Raw8<P>& r, int j) {
+  if constexpr (sizeof(P) == 4) {
+    return __uint_as_float(r.w[j]);
+  } else {
+    const unsigned short b = (unsigned short)(r.w[j >> 1] >> (16 * (j & 1)));
+    return to_f(*reinterpret_cast<const P*>(&b));
+  }
+}
+template <typename P>
+__device__ __forceinline__ void raw_set(Raw8<P>& r, int j, float x) {
+  if constexpr (sizeof(P) == 4) {
+    r.w[j] = __float_as_uint(x);
+  } else {
+    const P v = from_f<P>(x);
+    const unsigned b = *reinterpret_cast<const unsigned short*>(&v), sh = 16 * (j & 1);
+    r.w[j >> 1] = (r.w[j >> 1] & ~(0xffffu << sh)) | (b << sh);
+  }
+}
+
 // Scalars of one top-k block, computed once by thread 0 (64-bit divisions) and read from
 // shared memory by the others.
 struct BlockInfo {
@@ -186,6 +237,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   // (stack frame 32 -> 40 bytes) and cost quant block 4096 0.43 ms (kernel_variants_h100_s11_bigq_wd.json).
   constexpr bool BIG_Q_IN = MICROADAM_BIG_Q && (LEAN & 3) != 1 &&
                             ((LEAN & 4) == 0 || ((LEAN & 3) == 3 && MICROADAM_BIG_Q_WD3));
+  // The weight-decay twins' update in two phases (MICROADAM_SPLIT_UPD; their a has 2 S floats).
+  constexpr bool SPLIT = MICROADAM_SPLIT_UPD && (LEAN & 4);
   constexpr bool ONEQ = (LEAN & 3) == 3;  // quant_block == topk_block: q0 = the block's index, r0 = 0
   // The one range of the block from the top-k's candidates (qmn[0], qmx[0]), needs big_q's arrays.
   constexpr bool CAND_RANGE = ONEQ && BIG_Q_IN && MICROADAM_CAND_RANGE;
@@ -535,8 +588,14 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       // Bit r of mask[i]: position i is in window row r. The entry of a position in its
       // lowest row owns it: it sums the position's rows in order (finding each by binary
       // search in its sorted row) and updates the param. Three barriers whatever m is.
+      // SPLIT (weight-decay twins, always dense): the owner only writes its position's step to
+      // dl, and one pass then decays and updates every param (four barriers).
       unsigned* mask = reinterpret_cast<unsigned*>(a);  // S >= L words, free now
-      for (int i = 4 * tid; i < S; i += 4 * THREADS) *reinterpret_cast<uint4*>(mask + i) = make_uint4(0u, 0u, 0u, 0u);
+      float* dl = a + S;  // SPLIT: what position i's param loses (the candidates' list is done with)
+      for (int i = 4 * tid; i < S; i += 4 * THREADS) {
+        *reinterpret_cast<uint4*>(mask + i) = make_uint4(0u, 0u, 0u, 0u);
+        if (SPLIT) *reinterpret_cast<float4*>(dl + i) = make_float4(z, z, z, z);
+      }
       __syncthreads();
       const int ne = m * kj;
       for (int e = tid; e < ne; e += THREADS) {
@@ -562,9 +621,51 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
           s1 = __fadd_rn(s1, __fmul_rn(A.betapow[age], v));
           s2 = __fadd_rn(s2, __fmul_rn(A.betapow[m + age], __fmul_rn(v, v)));
         }
-        update(idx, s1, s2);
+        if (SPLIT) {
+          const float mh = __fmul_rn(s1, R.c1), vh = __fmul_rn(s2, R.c2);
+          dl[idx] = __fmul_rn(A.lr, __fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), A.eps)));
+        } else {
+          update(idx, s1, s2);
+        }
       }
-      if ((!LEAN || (LEAN & 4)) && A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
+      if (SPLIT) {
+        // The dense sweep and the window's updates in one pass: theta (* decay) - dl, 8 params at a
+        // time (dl is z outside the window); MICROADAM_SPLIT_ILP units of a thread are loaded before
+        // any is stored.
+        __syncthreads();
+        constexpr int NU = MICROADAM_SPLIT_ILP;
+        for (int u0 = tid; u0 < nunits; u0 += NU * THREADS) {
+          Raw8<P> pr[NU];
+#pragma unroll
+          for (int h = 0; h < NU; ++h) {
+            const int u = u0 + h * THREADS;
+            if (vec_p && 8 * u + 8 <= L) load_raw8(param + base + 8 * u, pr[h]);
+          }
+#pragma unroll
+          for (int h = 0; h < NU; ++h) {
+            const int u = u0 + h * THREADS;
+            if (u >= nunits) continue;
+            if (vec_p && 8 * u + 8 <= L) {
+              float d[8];
+              load8(dl + 8 * u, d);
+#pragma unroll
+              for (int j = 0; j < 8; ++j) {
+                float pv = raw_get(pr[h], j);
+                if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+                raw_set(pr[h], j, __fsub_rn(pv, d[j]));
+              }
+              store_raw8(param + base + 8 * u, pr[h]);
+            } else {
+              for (int i = 8 * u; i < min(8 * u + 8, L); ++i) {
+                float pv = to_f(param[base + i]);
+                if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+                param[base + i] = from_f<P>(__fsub_rn(pv, dl[i]));
+              }
+            }
+          }
+        }
+      }
+      if (!SPLIT && (!LEAN || (LEAN & 4)) && A.dense) sweep(0, L, [&](int p) { return mask[p] != 0u; });
       __syncthreads();
     } else {
       // Row by row (m > 32), over chunks of the block whose two sums fit in a; acc2 < 0
@@ -658,8 +759,21 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_P2_MIN_BLOCKS) requant_kern
     const float* nmax = A.ws + A.ws_half + R.ws;
     const bool vec = aligned16(grad + c0) && (((uintptr_t)(R.ef + (c0 >> 1)) & 3u) == 0);
     const int nunits = (len + 7) / 8;
+    if (MICROADAM_P2_AHEAD > 0) {  // the first rounds' sectors (one lane per 32 bytes)
+      for (int u = tid; u < min(nunits, MICROADAM_P2_AHEAD * THREADS); u += THREADS) {
+        if ((u * (int)sizeof(G) & 3) == 0) prefetch_l2(grad + c0 + 8 * u);
+        if ((u & 7) == 0) prefetch_l2(R.ef + ((c0 + 8 * u) >> 1));
+      }
+    }
     for (int u = tid; u < nunits; u += THREADS) {
       const int i0 = 8 * u, valid = min(8, len - i0);
+      if (MICROADAM_P2_AHEAD > 0) {
+        const int ua = u + MICROADAM_P2_AHEAD * THREADS;
+        if (ua < nunits) {
+          if ((ua * (int)sizeof(G) & 3) == 0) prefetch_l2(grad + c0 + 8 * ua);
+          if ((ua & 7) == 0) prefetch_l2(R.ef + ((c0 + 8 * ua) >> 1));
+        }
+      }
       const unsigned off = r0 + (unsigned)i0;
       float g[8], v[8];
       unsigned codes;
