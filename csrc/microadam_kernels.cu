@@ -43,9 +43,6 @@
 #ifndef MICROADAM_P2_MIN_BLOCKS
 #define MICROADAM_P2_MIN_BLOCKS 6  // __launch_bounds__ of pass 2: resident blocks per SM (4, 5, 7, 8 measured slower)
 #endif
-#ifndef MICROADAM_P2_AHEAD
-#define MICROADAM_P2_AHEAD 0  // pass 2: L2 prefetch of the gradient and EF this many rounds ahead (0: none)
-#endif
 #ifndef MICROADAM_BIG_Q
 #define MICROADAM_BIG_Q 1  // 1: one-pass quant blocks over 512 take their min/max by warp reductions folded
                            // with shared atomics, one barrier, then quantize (big_q below; pass 1 at quant
@@ -759,21 +756,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_P2_MIN_BLOCKS) requant_kern
     const float* nmax = A.ws + A.ws_half + R.ws;
     const bool vec = aligned16(grad + c0) && (((uintptr_t)(R.ef + (c0 >> 1)) & 3u) == 0);
     const int nunits = (len + 7) / 8;
-    if (MICROADAM_P2_AHEAD > 0) {  // the first rounds' sectors (one lane per 32 bytes)
-      for (int u = tid; u < min(nunits, MICROADAM_P2_AHEAD * THREADS); u += THREADS) {
-        if ((u * (int)sizeof(G) & 3) == 0) prefetch_l2(grad + c0 + 8 * u);
-        if ((u & 7) == 0) prefetch_l2(R.ef + ((c0 + 8 * u) >> 1));
-      }
-    }
     for (int u = tid; u < nunits; u += THREADS) {
       const int i0 = 8 * u, valid = min(8, len - i0);
-      if (MICROADAM_P2_AHEAD > 0) {
-        const int ua = u + MICROADAM_P2_AHEAD * THREADS;
-        if (ua < nunits) {
-          if ((ua * (int)sizeof(G) & 3) == 0) prefetch_l2(grad + c0 + 8 * ua);
-          if ((ua & 7) == 0) prefetch_l2(R.ef + ((c0 + 8 * ua) >> 1));
-        }
-      }
       const unsigned off = r0 + (unsigned)i0;
       float g[8], v[8];
       unsigned codes;

@@ -51,10 +51,21 @@ def random_state(st, n, t, gen):
     wv.copy_((torch.randn(wv.shape, generator=gen) * 0.01).to(torch.bfloat16))
 
 
-def make_pair(sizes, pdtype, gdtype, t, seed, **hyper):
+def at_offset(t, offset):
+    """t copied into a fresh buffer at `offset` elements from its start (0: t itself)."""
+    if not offset:
+        return t
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def make_pair(sizes, pdtype, gdtype, t, seed, offset=0, **hyper):
+    """offset: the GPU params start that many elements into their storage (unaligned for 16-byte access)."""
     gen = torch.Generator().manual_seed(seed)
     cpu = [torch.nn.Parameter(torch.randn(n, generator=gen).to(pdtype)) for n in sizes]
-    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    gpu = [torch.nn.Parameter(at_offset(p.detach().cuda(), offset)) for p in cpu]
     opt_c = MicroAdam(cpu, backend="reference", nonfinite="off", **hyper)
     opt_g = MicroAdam(gpu, backend="cuda", nonfinite="off", **hyper)
     # Create the state with one zero-gradient step on both sides, then overwrite it.
@@ -132,6 +143,26 @@ def test_one_step_matches_reference(pdtype, gdtype, quant_block, seed):
     cpu, gpu, opt_c, opt_g, gen = pair
     step_pair(cpu, gpu, opt_c, opt_g, gdtype, gen)
     assert_same(cpu, gpu, opt_c, opt_g, pdtype)
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_block", [4096, 64, 100000])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_weight_decay_writes_every_param(pdtype, quant_block, offset, seed):
+    """With weight decay every param changes: the lean instances' weight-decay twins decay and
+    update 8 params at a time where the storage allows 16-byte access, one by one where it does
+    not (offset 1) and at a tensor's ragged end; every dtype, two steps."""
+    pair = make_pair(SIZES, pdtype, torch.bfloat16, 1 + seed % 13, seed, offset=offset,
+                     quant_block=quant_block, weight_decay=1.0, lr=0.05)  # decay 0.95: visible in bf16
+    cpu, gpu, opt_c, opt_g, gen = pair
+    assert offset == 0 or all(p.data_ptr() % 16 for p in gpu)
+    before = [p.detach().clone() for p in gpu]
+    for _ in range(2):
+        step_pair(cpu, gpu, opt_c, opt_g, torch.bfloat16, gen)
+        assert_same(cpu, gpu, opt_c, opt_g, pdtype)
+    # Decay moved (nearly) every param, not only the window's positions.
+    moved = sum(int((p.detach() != b).sum()) for p, b in zip(gpu, before))
+    assert moved >= 0.9 * sum(SIZES)
 
 
 @pytest.mark.parametrize("topk_block,quant_block,density,m", [
