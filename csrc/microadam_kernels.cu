@@ -64,9 +64,6 @@
                                // position's step into shared memory; then one pass decays and updates every param
                                // (pass 1 with weight decay 0.1: 16.5 -> 13.9 ms at quant block 4096)
 #endif
-#ifndef MICROADAM_SPLIT_ILP
-#define MICROADAM_SPLIT_ILP 1  // units of 8 params a thread loads before storing any, in that pass (2: +0.5 ms)
-#endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
 #endif
@@ -130,46 +127,6 @@ __device__ __forceinline__ void store_codes(uint8_t* ef, int64_t g0, unsigned w,
     *reinterpret_cast<unsigned*>(ef + (g0 >> 1)) = w;
   } else {
     for (int b = 0; 2 * b < valid; ++b) ef[(g0 >> 1) + b] = (uint8_t)(w >> (8 * b));
-  }
-}
-
-// 8 consecutive params as raw bits (16-byte aligned): 4 words of two 16-bit values, or 8 floats.
-template <typename P>
-struct Raw8 {
-  unsigned w[sizeof(P) == 4 ? 8 : 4];
-};
-template <typename P>
-__device__ __forceinline__ void load_raw8(const P* p, Raw8<P>& r) {
-#pragma unroll
-  for (int h = 0; h < (int)sizeof(P) / 2; ++h) {
-    const uint4 x = reinterpret_cast<const uint4*>(p)[h];
-    r.w[4 * h] = x.x; r.w[4 * h + 1] = x.y; r.w[4 * h + 2] = x.z; r.w[4 * h + 3] = x.w;
-  }
-}
-template <typename P>
-__device__ __forceinline__ void store_raw8(P* p, const Raw8<P>& r) {
-#pragma unroll
-  for (int h = 0; h < (int)sizeof(P) / 2; ++h)
-    reinterpret_cast<uint4*>(p)[h] = make_uint4(r.w[4 * h], r.w[4 * h + 1], r.w[4 * h + 2], r.w[4 * h + 3]);
-}
-// Element j as float (to_f), and replaced by from_f<P>(x); the other bits are kept.
-template <typename P>
-__device__ __forceinline__ float raw_get(const Raw8<P>& r, int j) {
-  if constexpr (sizeof(P) == 4) {
-    return __uint_as_float(r.w[j]);
-  } else {
-    const unsigned short b = (unsigned short)(r.w[j >> 1] >> (16 * (j & 1)));
-    return to_f(*reinterpret_cast<const P*>(&b));
-  }
-}
-template <typename P>
-__device__ __forceinline__ void raw_set(Raw8<P>& r, int j, float x) {
-  if constexpr (sizeof(P) == 4) {
-    r.w[j] = __float_as_uint(x);
-  } else {
-    const P v = from_f<P>(x);
-    const unsigned b = *reinterpret_cast<const unsigned short*>(&v), sh = 16 * (j & 1);
-    r.w[j >> 1] = (r.w[j >> 1] & ~(0xffffu << sh)) | (b << sh);
   }
 }
 
@@ -627,37 +584,23 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       }
       if (SPLIT) {
         // The dense sweep and the window's updates in one pass: theta (* decay) - dl, 8 params at a
-        // time (dl is z outside the window); MICROADAM_SPLIT_ILP units of a thread are loaded before
-        // any is stored.
+        // time (dl is z outside the window). One unit a thread at a time: two units loaded before
+        // either was stored cost 0.5 ms, and raw 16-bit words kept in registers 0.12 ms
+        // (kernel_variants_h100_s14_b_wd.json, _f_wd.json).
         __syncthreads();
-        constexpr int NU = MICROADAM_SPLIT_ILP;
-        for (int u0 = tid; u0 < nunits; u0 += NU * THREADS) {
-          Raw8<P> pr[NU];
+        for (int u = tid; u < nunits; u += THREADS) {
+          if (vec_p && 8 * u + 8 <= L) {
+            float v[8], d[8];
+            load8(param + base + 8 * u, v);
+            load8(dl + 8 * u, d);
 #pragma unroll
-          for (int h = 0; h < NU; ++h) {
-            const int u = u0 + h * THREADS;
-            if (vec_p && 8 * u + 8 <= L) load_raw8(param + base + 8 * u, pr[h]);
-          }
-#pragma unroll
-          for (int h = 0; h < NU; ++h) {
-            const int u = u0 + h * THREADS;
-            if (u >= nunits) continue;
-            if (vec_p && 8 * u + 8 <= L) {
-              float d[8];
-              load8(dl + 8 * u, d);
-#pragma unroll
-              for (int j = 0; j < 8; ++j) {
-                float pv = raw_get(pr[h], j);
-                if (A.has_decay) pv = __fmul_rn(pv, A.decay);
-                raw_set(pr[h], j, __fsub_rn(pv, d[j]));
-              }
-              store_raw8(param + base + 8 * u, pr[h]);
-            } else {
-              for (int i = 8 * u; i < min(8 * u + 8, L); ++i) {
-                float pv = to_f(param[base + i]);
-                if (A.has_decay) pv = __fmul_rn(pv, A.decay);
-                param[base + i] = from_f<P>(__fsub_rn(pv, dl[i]));
-              }
+            for (int j = 0; j < 8; ++j) v[j] = __fsub_rn(A.has_decay ? __fmul_rn(v[j], A.decay) : v[j], d[j]);
+            store8(param + base + 8 * u, v);
+          } else {
+            for (int i = 8 * u; i < min(8 * u + 8, L); ++i) {
+              float pv = to_f(param[base + i]);
+              if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+              param[base + i] = from_f<P>(__fsub_rn(pv, dl[i]));
             }
           }
         }
