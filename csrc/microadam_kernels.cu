@@ -506,13 +506,20 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const int64_t rs = (LEAN || A.win_smem) ? KB : R.k_total;
     const float z = __fmul_rn(A.lr, __fdiv_rn(0.0f, __fadd_rn(0.0f, A.eps)));  // lr*(0/(sqrt(0)+eps))
     const bool vec_p = (base % 8 == 0) && aligned16(param + base);
-    // Param i of the block from its sums: m_hat = s1 * c1, v_hat = s2 * c2.
+    // Param i of the block from its sums: m_hat = s1 * c1, v_hat = s2 * c2. (The param is loaded
+    // before the division, whose latency then covers the load's.)
     auto update = [&](int i, float s1, float s2) {
       const float mh = __fmul_rn(s1, R.c1), vh = __fmul_rn(s2, R.c2);
       float pv = to_f(param[base + i]);
       if (A.has_decay) pv = __fmul_rn(pv, A.decay);
       const float u = __fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), A.eps));
       param[base + i] = from_f<P>(__fsub_rn(pv, __fmul_rn(A.lr, u)));
+    };
+    // Param i of the block, one at a time: theta (* decay) - d (the sweeps' scalar paths).
+    auto decay_sub = [&](int i, float d) {
+      float pv = to_f(param[base + i]);
+      if (A.has_decay) pv = __fmul_rn(pv, A.decay);
+      param[base + i] = from_f<P>(__fsub_rn(pv, d));
     };
     // Positions c0..c1-1 in no window row (in_window(p) false, p counted from c0):
     // m_hat = v_hat = 0, so theta*decay - lr*(0/(0+eps)); 8 at a time where none is in it.
@@ -530,10 +537,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
           store8(param + base + c0 + i0, v);
         } else {
           for (int j = 0; j < valid; ++j) {
-            if (in_window(i0 + j)) continue;
-            float pv = to_f(param[base + c0 + i0 + j]);
-            if (A.has_decay) pv = __fmul_rn(pv, A.decay);
-            param[base + c0 + i0 + j] = from_f<P>(__fsub_rn(pv, z));
+            if (!in_window(i0 + j)) decay_sub(c0 + i0 + j, z);
           }
         }
       }
@@ -597,11 +601,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
             for (int j = 0; j < 8; ++j) v[j] = __fsub_rn(A.has_decay ? __fmul_rn(v[j], A.decay) : v[j], d[j]);
             store8(param + base + 8 * u, v);
           } else {
-            for (int i = 8 * u; i < min(8 * u + 8, L); ++i) {
-              float pv = to_f(param[base + i]);
-              if (A.has_decay) pv = __fmul_rn(pv, A.decay);
-              param[base + i] = from_f<P>(__fsub_rn(pv, dl[i]));
-            }
+            for (int i = 8 * u; i < min(8 * u + 8, L); ++i) decay_sub(i, dl[i]);
           }
         }
       }
