@@ -12,7 +12,8 @@ torch's fused CUDA AdamW through DeepSpeed (`"torch_adam": true, "fused": true`;
 build) or, with --adamw deepspeed, DeepSpeed's FusedAdam (JIT-compiled on first use).
 Every (stage, optimizer) pair gets a fresh model and engine in the same processes:
 --warmup untimed steps (they include any kernel build), then --steps timed ones.
-Reported per run: tokens/s (all ranks), step time, per-rank peak memory, per-rank
+Reported per run: tokens/s (all ranks), step time, per-rank peak memory (also above what the
+process held when the run started: earlier runs may leave memory allocated), per-rank
 optimizer-state bytes (fp32 master partition reported apart) and state bytes per
 model parameter; per stage, MicroAdam/AdamW ratios against the issue's targets
 (throughput >= 0.98x, per-rank state <= 0.9/N bytes/param). Rank 0 writes the JSON.
@@ -62,9 +63,11 @@ def parse_args():
 
 
 def ds_config(args, stage: int, optimizer: str, cuda: bool) -> dict:
-    if optimizer == "microadam":
+    if optimizer.startswith("microadam"):  # microadam_q<N>: quant block N
         opt = {"type": "MicroAdam", "params": {"lr": args.lr, "weight_decay": 0.0, "m": args.m,
                                                "density": args.density}}
+        if optimizer.partition("_q")[2]:
+            opt["params"]["quant_block"] = int(optimizer.partition("_q")[2])
     else:
         params = {"lr": args.lr, "weight_decay": 0.0}
         if args.adamw == "torch":
@@ -111,6 +114,12 @@ def run_one(args, stage, name, device, rank, world):
     import deepspeed
 
     cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    # Memory still allocated when the run starts (what earlier runs in this process left):
+    # the run's own peak is the peak above it.
+    base = torch.cuda.memory_allocated(device) if cuda else None
     model, shape = build_model(args, device)
     n_params = sum(p.numel() for p in model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -145,8 +154,10 @@ def run_one(args, stage, name, device, rank, world):
            "loss": float(loss.detach().float()), "step_s": elapsed / args.steps, "warmup_s": warmup_s,
            "tokens_per_s": world * args.batch_size * args.seq_len * args.steps / elapsed,
            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+           "baseline_mem_bytes": base,
+           "run_peak_mem_bytes": torch.cuda.max_memory_allocated(device) - base if cuda else None,
            "state_bytes": opt_state, "master_bytes": master, "params": n_params}
-    if name == "microadam":
+    if name.startswith("microadam"):
         from microadam_dist.ops import builder, select_backend
 
         rec["backend"] = select_backend("auto", device)[0]
@@ -171,6 +182,8 @@ def summarize(per_rank: list[dict], world: int) -> dict:
     out["warmup_s"] = max(r["warmup_s"] for r in per_rank)
     out["loss"] = r0["loss"]
     out["peak_mem_bytes_per_rank"] = [r["peak_mem_bytes"] for r in per_rank]
+    out["baseline_mem_bytes_per_rank"] = [r["baseline_mem_bytes"] for r in per_rank]
+    out["run_peak_mem_bytes_per_rank"] = [r["run_peak_mem_bytes"] for r in per_rank]
     out["state_bytes_per_rank"] = [r["state_bytes"] for r in per_rank]
     out["master_bytes_per_rank"] = [r["master_bytes"] for r in per_rank]
     out["max_rank_state_bytes_per_param"] = max(r["state_bytes"] for r in per_rank) / r0["params"]
@@ -202,16 +215,18 @@ def main() -> None:
                 r = runs[-1]
                 print(f"ZeRO-{stage} {name:10s} {r['tokens_per_s']:10.0f} tok/s  step {r['step_s'] * 1e3:8.1f} ms  "
                       f"state/rank {max(r['state_bytes_per_rank']) / 2**20:9.1f} MiB  peak/rank "
-                      f"{max(x or 0 for x in r['peak_mem_bytes_per_rank']) / 2**30:6.2f} GiB", flush=True)
+                      f"{max(x or 0 for x in r['peak_mem_bytes_per_rank']) / 2**30:6.2f} GiB ("
+                      f"{max(x or 0 for x in r['run_peak_mem_bytes_per_rank']) / 2**30:.2f} above the run's start)",
+                      flush=True)
     ratios = {}
     for stage in sorted({r["stage"] for r in runs}):
         by = {r["optimizer"]: r for r in runs if r["stage"] == stage}
-        if "microadam" in by and "adamw" in by:
-            ma, aw = by["microadam"], by["adamw"]
+        for ma_name in [n for n in by if n.startswith("microadam")] if "adamw" in by else []:
+            ma, aw = by[ma_name], by["adamw"]
             peak_ratio = None
-            if aw["peak_mem_bytes_per_rank"][0]:
-                peak_ratio = max(ma["peak_mem_bytes_per_rank"]) / max(aw["peak_mem_bytes_per_rank"])
-            ratios[f"zero{stage}"] = {
+            if aw["run_peak_mem_bytes_per_rank"][0]:
+                peak_ratio = max(ma["run_peak_mem_bytes_per_rank"]) / max(aw["run_peak_mem_bytes_per_rank"])
+            ratios[f"zero{stage}" + ma_name[len("microadam"):]] = {
                 "throughput_ratio": ma["tokens_per_s"] / aw["tokens_per_s"], "throughput_target": 0.98,
                 "peak_mem_ratio": peak_ratio,
                 "microadam_rank_state_bytes_per_param": ma["max_rank_state_bytes_per_param"],

@@ -9,7 +9,8 @@ GQA 16/8 heads, MLP 5632, vocab 32000: 0.98 B params) is sharded with `fully_sha
 per decoder layer, fp32 sharded params with bf16 compute (MixedPrecisionPolicy), and
 trained on random tokens. Each optimizer runs in a fresh model in the same process:
 --warmup untimed steps, then --steps timed ones. Reported per optimizer: tokens/s
-(all ranks), step time, per-rank peak memory, per-rank optimizer-state bytes and
+(all ranks), step time, per-rank peak memory (also above what the process held when the
+run started), per-rank optimizer-state bytes and
 bytes/param; and MicroAdam / AdamW throughput and memory ratios. Rank 0 writes JSON.
 """
 
@@ -81,11 +82,13 @@ def build(args, device, mesh):
 
 
 def make_optimizer(name, model, args, cuda):
-    if name == "microadam":
-        return MicroAdam(model.parameters(), lr=1e-4, m=args.m, density=args.density)
+    if name == "microadam" or name.startswith("microadam_q"):  # microadam_q<N>: quant block N
+        q = name.partition("_q")[2]
+        return MicroAdam(model.parameters(), lr=1e-4, m=args.m, density=args.density,
+                         **({"quant_block": int(q)} if q else {}))
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if cuda else None)
-    raise SystemExit(f"unknown optimizer {name!r}; choose from adamw, microadam")
+    raise SystemExit(f"unknown optimizer {name!r}; choose from adamw, microadam, microadam_q<N>")
 
 
 def sync(device):
@@ -95,9 +98,13 @@ def sync(device):
 
 def run_one(name, args, device, mesh, rank, world):
     cuda = device.type == "cuda"
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    # Memory still allocated when the run starts (what earlier runs in this process left):
+    # the run's own peak is the peak above it.
+    base = torch.cuda.memory_allocated(device) if cuda else 0
     model, config = build(args, device, mesh)
     opt = make_optimizer(name, model, args, cuda)
     n_params = sum(p.numel() for p in model.parameters())
@@ -124,7 +131,7 @@ def run_one(name, args, device, mesh, rank, world):
     times = t.tolist()
     tokens_step = world * args.batch_size * args.seq_len
     per_rank = torch.tensor([torch.cuda.max_memory_allocated(device) if cuda else 0, state_nbytes(opt),
-                             local_params], dtype=torch.float64, device=device)
+                             local_params, base], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(per_rank) for _ in range(world)]
     dist.all_gather(gathered, per_rank)
     peak = [int(x[0]) for x in gathered]
@@ -138,6 +145,8 @@ def run_one(name, args, device, mesh, rank, world):
         "step_time_s_mean": statistics.mean(times), "step_time_s_median": statistics.median(times),
         "tokens_per_s": tokens_step / statistics.mean(times),
         "peak_memory_bytes_per_rank": peak, "state_bytes_per_rank": state,
+        "baseline_memory_bytes_per_rank": [int(x[3]) for x in gathered],
+        "run_peak_memory_bytes_per_rank": [int(x[0] - x[3]) for x in gathered],
         "local_params_per_rank": [int(x[2]) for x in gathered],
         "state_bytes_per_param_per_rank": [s / n_params for s in state],
         "state_bytes_per_local_param": [s / max(1, int(x[2])) for s, x in zip(state, gathered)],
@@ -163,7 +172,8 @@ def main():
         if rank == 0:
             r = results[name]
             print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s_mean'] * 1e3:.1f} ms, "
-                  f"peak {max(r['peak_memory_bytes_per_rank']) / 2**30:.2f} GiB/rank, "
+                  f"peak {max(r['peak_memory_bytes_per_rank']) / 2**30:.2f} GiB/rank "
+                  f"({max(r['run_peak_memory_bytes_per_rank']) / 2**30:.2f} above the run's start), "
                   f"state {max(r['state_bytes_per_rank']) / 2**20:.1f} MiB/rank", flush=True)
     if rank == 0:
         out = {"world_size": world, "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
@@ -172,10 +182,17 @@ def main():
             a, m = results["adamw"], results["microadam"]
             out["throughput_ratio_microadam_over_adamw"] = m["tokens_per_s"] / a["tokens_per_s"]
             if cuda:
-                out["peak_memory_ratio_microadam_over_adamw"] = (max(m["peak_memory_bytes_per_rank"])
-                                                                 / max(a["peak_memory_bytes_per_rank"]))
+                out["peak_memory_ratio_microadam_over_adamw"] = (max(m["run_peak_memory_bytes_per_rank"])
+                                                                 / max(a["run_peak_memory_bytes_per_rank"]))
             # Target (issue 5): per-rank state <= 0.9 / N bytes per model param.
             out["microadam_state_bytes_per_param_times_world"] = max(m["state_bytes_per_param_per_rank"]) * world
+        for name, m in results.items():  # every MicroAdam row against AdamW
+            if name.startswith("microadam") and "adamw" in results:
+                out.setdefault("ratios", {})[name] = {
+                    "throughput": m["tokens_per_s"] / results["adamw"]["tokens_per_s"],
+                    "run_peak_memory": (max(m["run_peak_memory_bytes_per_rank"])
+                                        / max(results["adamw"]["run_peak_memory_bytes_per_rank"]) if cuda else None),
+                    "state_bytes_per_param_times_world": max(m["state_bytes_per_param_per_rank"]) * world}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)

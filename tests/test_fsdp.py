@@ -86,6 +86,16 @@ def test_state_bytes_equal_formula_of_local_shards(runs):
     assert any(i["local_numel"] == 0 for res in runs["train"] for i in res["fsdp1_orig"]["infos"])
 
 
+def test_state_nbytes_counts_dtensor_states_by_local_shard(runs):
+    # torch AdamW under FSDP2 (the benchmarks' baseline): two fp32 moments per local element
+    # and a 4-byte step per param; a global count would give the full model's bytes on each rank.
+    for r, res in enumerate(runs["train"]):
+        c = res["adamw_state_control"]
+        assert "DTensor" in c["state_types"], c["state_types"]
+        assert c["local_numels"] != c["global_numels"]
+        assert c["state_nbytes"] == sum(2 * 4 * n + 4 for n in c["local_numels"]), (r, c)
+
+
 def test_shard_ranges_tile_each_param_and_hold_its_values(runs):
     for kind in SHARDED:
         per_rank = [res[kind]["infos"] for res in runs["train"]]

@@ -174,6 +174,17 @@ def scenario(kind, mesh, rank, world, out, tmp):
     return res
 
 
+def adamw_state_control(mesh, rank):
+    """torch AdamW on FSDP2: its moments are DTensors; state_nbytes must count the local shards."""
+    model = wrap("fsdp2", make_model(), mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_step(model, opt, 1, rank, torch.float32)
+    kinds = sorted({type(v).__name__ for st in opt.state.values() for v in st.values()})
+    local = [p.to_local().numel() for p in model.parameters()]
+    return {"state_nbytes": fsdp.state_nbytes(opt), "local_numels": local,
+            "global_numels": [p.numel() for p in model.parameters()], "state_types": kinds}
+
+
 def shared_key_control(mesh, rank, world, tmp):
     """Even shards (32 rows, 6 outputs) so that every rank's state tensors have equal shapes.
     Saved under one key for all ranks, DCP takes them for replicated and writes one copy:
@@ -225,6 +236,7 @@ def main():
         for kind in KINDS:
             result[kind] = scenario(kind, mesh, rank, world, args.out, args.ckpt_dir)
         result["shared_key_control"] = shared_key_control(mesh, rank, world, args.ckpt_dir)
+        result["adamw_state_control"] = adamw_state_control(mesh, rank)
     else:
         model, opt = build("fsdp2", mesh)
         try:
