@@ -196,13 +196,8 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
 
     Any optimizer: a DTensor state (torch AdamW's moments under FSDP2) counts by its local
     shard, not by its global size."""
-    return sum(_local(v).numel() * v.element_size() for st in optimizer.state.values()
+    return sum(local_tensor(v).numel() * v.element_size() for st in optimizer.state.values()
                for v in st.values() if isinstance(v, torch.Tensor))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)  # DTensor
-    return to_local() if callable(to_local) else t
 
 
 # -- the DCP state dict ------------------------------------------------------------------
