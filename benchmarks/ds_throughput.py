@@ -63,11 +63,12 @@ def parse_args():
 
 
 def ds_config(args, stage: int, optimizer: str, cuda: bool) -> dict:
-    if optimizer.startswith("microadam"):  # microadam_q<N>: quant block N
+    if optimizer == "microadam" or optimizer.startswith("microadam_q"):  # microadam_q<N>: quant block N
         opt = {"type": "MicroAdam", "params": {"lr": args.lr, "weight_decay": 0.0, "m": args.m,
                                                "density": args.density}}
-        if optimizer.partition("_q")[2]:
-            opt["params"]["quant_block"] = int(optimizer.partition("_q")[2])
+        q = optimizer.partition("_q")[2]
+        if q:
+            opt["params"]["quant_block"] = int(q)
     else:
         params = {"lr": args.lr, "weight_decay": 0.0}
         if args.adamw == "torch":
@@ -150,12 +151,12 @@ def run_one(args, stage, name, device, rank, world):
     opt_state, master = state_bytes_of(basic)
     if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):
         master = sum(t.numel() * t.element_size() for t in engine.optimizer.fp32_partitioned_groups_flat)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
     rec = {"stage": stage, "optimizer": name, "optimizer_class": type(basic).__name__,
            "loss": float(loss.detach().float()), "step_s": elapsed / args.steps, "warmup_s": warmup_s,
            "tokens_per_s": world * args.batch_size * args.seq_len * args.steps / elapsed,
-           "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
-           "baseline_mem_bytes": base,
-           "run_peak_mem_bytes": torch.cuda.max_memory_allocated(device) - base if cuda else None,
+           "peak_mem_bytes": peak, "baseline_mem_bytes": base,
+           "run_peak_mem_bytes": peak - base if cuda else None,
            "state_bytes": opt_state, "master_bytes": master, "params": n_params}
     if name.startswith("microadam"):
         from microadam_dist.ops import builder, select_backend
