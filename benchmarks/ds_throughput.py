@@ -222,8 +222,10 @@ def main() -> None:
     ratios = {}
     for stage in sorted({r["stage"] for r in runs}):
         by = {r["optimizer"]: r for r in runs if r["stage"] == stage}
-        for ma_name in [n for n in by if n.startswith("microadam")] if "adamw" in by else []:
-            ma, aw = by[ma_name], by["adamw"]
+        aw = by.get("adamw")
+        for ma_name, ma in by.items():
+            if aw is None or not ma_name.startswith("microadam"):
+                continue
             peak_ratio = None
             if aw["run_peak_mem_bytes_per_rank"][0]:
                 peak_ratio = max(ma["run_peak_mem_bytes_per_rank"]) / max(aw["run_peak_mem_bytes_per_rank"])
