@@ -44,10 +44,10 @@ def use_variant(name: str, flags: list[str]) -> None:
 
 
 def time_steps(params, quant_block: int, steps: int, wd: float, kernels: bool = False,
-               nonfinite: str = "off"):
+               nonfinite: str = "off", topk_block: int = 4096):
     """Median step ms, and with kernels=True the device ms of each kernel in one more step."""
-    opt = MicroAdam(params, lr=1e-4, m=10, density=0.01, quant_block=quant_block, weight_decay=wd,
-                    backend="cuda", nonfinite=nonfinite)
+    opt = MicroAdam(params, lr=1e-4, m=10, density=0.01, topk_block=topk_block, quant_block=quant_block,
+                    weight_decay=wd, backend="cuda", nonfinite=nonfinite)
     for _ in range(3):
         opt.step()
     ms = statistics.median(step_times(opt, steps))
@@ -57,7 +57,8 @@ def time_steps(params, quant_block: int, steps: int, wd: float, kernels: bool = 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="base:")
-    ap.add_argument("--quant-blocks", default="64,100000")
+    ap.add_argument("--quant-blocks", default="64,100000", help="'B': the top-k block's own size")
+    ap.add_argument("--topk-blocks", default="4096")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--reps", type=int, default=2, help="rounds over the variants, interleaved")
@@ -80,12 +81,13 @@ def main():
     for rep in range(args.reps):  # interleaved: the spread between repeats is the noise
         for name, flags in variants:
             use_variant(name, flags)
-            for q in map(int, args.quant_blocks.split(",")):
-                ms, kms, hms = time_steps(params, q, args.steps, args.weight_decay, args.kernels, args.nonfinite)
-                rows.append(dict(variant=name, flags=flags, quant_block=q, rep=rep, median_ms=ms,
+            for tb, qs in ((int(t), q) for t in args.topk_blocks.split(",") for q in args.quant_blocks.split(",")):
+                q = tb if qs == "B" else int(qs)
+                ms, kms, hms = time_steps(params, q, args.steps, args.weight_decay, args.kernels, args.nonfinite, tb)
+                rows.append(dict(variant=name, flags=flags, topk_block=tb, quant_block=q, rep=rep, median_ms=ms,
                                  host_ms=hms, **({"kernels_ms": kms} if kms is not None else {})))
                 ks = "  " + ", ".join(f"{k.split('::')[-1]} {v:.2f}" for k, v in kms.items() if v >= 0.01) if kms else ""
-                print(f"{name:<12} q={q:<7} rep {rep}: {ms:8.2f} ms, host {hms:.2f}{ks}", flush=True)
+                print(f"{name:<12} B={tb:<6} q={q:<7} rep {rep}: {ms:8.2f} ms, host {hms:.2f}{ks}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), layers=args.layers, rows=rows), f, indent=2)

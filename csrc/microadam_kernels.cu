@@ -10,6 +10,8 @@
 //   m_hat, v_hat from the m rows (row order, as the reference) and updates its param.
 //   Without weight decay only those positions are read and written; with it, a dense
 //   sweep decays the others.
+// Top-k blocks of MICROADAM_WIDE_FROM (8192) elements and more take the instances of pass 1
+// that microadam_kernels_wide.cu builds from this file with 512 threads a block.
 // Pass 2 (tensors whose quant blocks straddle top-k blocks, e.g. quant_block 100000):
 //   recompute a with the old EF ranges, zero this step's window positions, quantize
 //   with the new ranges. Then the new ranges are committed.
@@ -63,6 +65,13 @@
 #define MICROADAM_SPLIT_UPD 1  // 1: the weight-decay twins: the owners of window positions only compute each
                                // position's step into shared memory; then one pass decays and updates every param
                                // (pass 1 with weight decay 0.1: 16.5 -> 13.8 ms at quant block 4096)
+#endif
+#ifndef MICROADAM_WIDE_FROM
+#define MICROADAM_WIDE_FROM 8192  // top-k blocks of this size and more take pass 1 of microadam_kernels_wide.cu
+                                  // (512 threads a block: these fit only 1-2 blocks a SM by shared memory)
+#endif
+#ifndef MICROADAM_PASS1_WIDE
+#define MICROADAM_PASS1_WIDE 0  // set by microadam_kernels_wide.cu: this translation unit holds only its pass 1
 #endif
 #ifndef MICROADAM_STOP_AFTER
 #define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
@@ -658,6 +667,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   }
 }
 
+#if !MICROADAM_PASS1_WIDE
 // Pass 2: EF of tensors whose quant blocks straddle top-k blocks, CHUNK2 elements per block.
 // Its blocks are short and wait on chains of loads, so the chain is kept short: warp 0 finds
 // the record by ballots (one round of loads, not a binary search's chain), the chunk's window
@@ -750,6 +760,7 @@ __global__ void commit_ranges_kernel(StepArgs A) {
     mx[q] = A.ws[A.ws_half + off + q];
   }
 }
+#endif  // !MICROADAM_PASS1_WIDE
 
 // The lean instance of pass 1 a launch can take (0: none): the fast top-k, the staged window,
 // the bitmask moments, every tensor one pass (unless MICROADAM_LEAN_TWOPASS: instance 2 keeps
@@ -786,12 +797,14 @@ cudaError_t launch_pass1(const StepArgs& A, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+#if !MICROADAM_PASS1_WIDE
 template <typename G>
 cudaError_t launch_pass2(const StepArgs& A, cudaStream_t s) {
   const int64_t grid = A.total_chunks2 < INT_MAX ? A.total_chunks2 : INT_MAX;
   requant_kernel<G><<<(unsigned)grid, THREADS, 0, s>>>(A);
   return cudaGetLastError();
 }
+#endif
 
 // Whether this build has lean instance K (MICROADAM_LEAN: bit 0 for instance 1, bit 1 for 2, bit 3
 // for 3, and bit 2 for the weight-decay twin K + 4 of each).
@@ -838,8 +851,25 @@ cudaError_t dispatch_grad(const StepArgs& A, cudaStream_t s) {
   return cudaErrorInvalidValue;
 }
 
+// Pass 1 for every dtype pair, by this translation unit's instances.
+cudaError_t launch_pass1_any(const StepArgs& A, cudaStream_t s) {
+  switch (A.param_dtype) {
+    case DT_F32: return dispatch_grad<float>(A, s);
+    case DT_BF16: return dispatch_grad<__nv_bfloat16>(A, s);
+    case DT_F16: return dispatch_grad<__half>(A, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
+// Pass 1 of top-k blocks from MICROADAM_WIDE_FROM elements up: these instances, built with
+// MICROADAM_WIDE_THREADS threads a block by microadam_kernels_wide.cu.
+cudaError_t launch_pass1_wide(const StepArgs& A, cudaStream_t s);
+
+#if MICROADAM_PASS1_WIDE
+cudaError_t launch_pass1_wide(const StepArgs& A, cudaStream_t s) { return launch_pass1_any(A, s); }
+#else
 bool window_in_smem(int m, int k_block) { return (int64_t)m * k_block * 4 <= WIN_SMEM_CAP; }
 
 int64_t pass1_smem_bytes(int topk_block, int m, int k_block) {
@@ -867,12 +897,7 @@ int launch_step(const StepArgs& args, void* stream) {
     if ((e = cudaGetLastError()) != cudaSuccess) return (int)e;
   }
   if (A.ntensors > 0 && A.total_blocks > 0) {
-    switch (A.param_dtype) {
-      case DT_F32: e = dispatch_grad<float>(A, s); break;
-      case DT_BF16: e = dispatch_grad<__nv_bfloat16>(A, s); break;
-      case DT_F16: e = dispatch_grad<__half>(A, s); break;
-      default: e = cudaErrorInvalidValue;
-    }
+    e = A.topk_block >= MICROADAM_WIDE_FROM ? launch_pass1_wide(A, s) : launch_pass1_any(A, s);
     if (e != cudaSuccess) return (int)e;
   }
   if (A.ntensors2 > 0 && A.total_chunks2 > 0) {
@@ -890,5 +915,6 @@ int launch_step(const StepArgs& args, void* stream) {
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+#endif  // MICROADAM_PASS1_WIDE
 
 }  // namespace microadam
