@@ -38,6 +38,8 @@ class MicroAdamConfig:
     topk_block: elements per top-k block (<= 32768: indices are int16).
     quant_block: elements per 4-bit error-feedback quantization block.
     ef_rounding: "nearest" (default) or "stochastic" (unbiased) EF quantization.
+    alpha: in [0, 1): each step also applies alpha * Q^-1(EF) and keeps (1 - alpha) of the EF
+        (the authors' option of the same name; 0 = off).
     nonfinite: "skip" | "raise" | "off": what a step does with a NaN/Inf gradient.
     backend: "auto" (CUDA kernels for CUDA tensors when available), "reference", "cuda".
     """
@@ -51,6 +53,7 @@ class MicroAdamConfig:
     topk_block: int = 4096
     quant_block: int = 4096
     ef_rounding: str = "nearest"
+    alpha: float = 0.0
     nonfinite: str = "skip"
     backend: str = "auto"
 
@@ -74,6 +77,7 @@ class MicroAdamConfig:
                    hint="block-local indices are stored as int16")
         _check_int("quant_block", self.quant_block, 1, 2**31 - 1)
         _check_choice("ef_rounding", self.ef_rounding, EF_ROUNDINGS)
+        _check_alpha(self.alpha)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_MODES)
         _check_choice("backend", self.backend, BACKENDS)
 
@@ -145,6 +149,18 @@ def _check_real(name: str, value: Any, low: float | None = None, high: float | N
         bad |= v >= high if high_open else v > high
     if bad:
         raise ValueError(f"Invalid {name}: {value!r}; allowed range is {rng}")
+
+
+def _check_alpha(value: Any) -> None:
+    try:
+        _check_real("alpha", value, low=0.0, high=1.0, high_open=True)
+    except ValueError as exc:
+        if _is_real(value) and float(value) == -2:
+            # The authors' alpha = -2 adds the EF's quantization error to the update through a
+            # float buffer of the param's size: the memory MicroAdam exists to save.
+            raise ValueError(f"{exc} (alpha=-2, the published package's mode that keeps a dense "
+                             "buffer of each param's size, is not supported)") from None
+        raise
 
 
 def _check_int(name: str, value: Any, low: int, high: int, hint: str = "") -> None:

@@ -151,7 +151,7 @@ class MicroAdam(torch.optim.Optimizer):
                     jobs.append(ShardJob(p_local, g_local, state, layout, where, memo))
                 hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
                                eps=float(config.eps), weight_decay=float(config.weight_decay),
-                               ef_rounding=config.ef_rounding)
+                               ef_rounding=config.ef_rounding, alpha=float(config.alpha))
                 for device, jobs in by_device.items():
                     name, run = select_backend(config.backend, device)
                     plan.append((name, device, run, jobs, hp))

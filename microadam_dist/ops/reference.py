@@ -26,6 +26,7 @@ class StepHyper(NamedTuple):
     eps: float
     weight_decay: float
     ef_rounding: str
+    alpha: float = 0.0
 
 
 # -- error feedback: 4-bit asymmetric quantization per quant block -----------------------
@@ -190,6 +191,18 @@ def update_(param: torch.Tensor, m_hat: torch.Tensor, v_hat: torch.Tensor, hp: S
     param.copy_(p.view_as(param))
 
 
+def feed_back_ef_(param: torch.Tensor, state: dict, layout: Layout, hp: StepHyper) -> None:
+    """Step 7 (alpha > 0): theta <- theta - lr*(alpha*e), e = Q^-1 of the EF just written;
+    then the EF ranges are scaled by float32(1 - alpha), so the EF decodes to (1 - alpha)*e."""
+    e = dequantize_ef(state["ef"], state["ef_min"], state["ef_max"], layout.n, layout.quant_block)
+    p = param.reshape(-1).to(torch.float32)
+    p = p - float(hp.lr) * (float(hp.alpha) * e)
+    param.copy_(p.view_as(param))
+    keep = float(1.0 - hp.alpha)
+    state["ef_min"].mul_(keep)
+    state["ef_max"].mul_(keep)
+
+
 def step_shard(param: torch.Tensor, grad: torch.Tensor, state: dict, layout: Layout,
                hp: StepHyper) -> None:
     """One MicroAdam step on one flat shard; state['step'] must already hold the new t."""
@@ -197,3 +210,5 @@ def step_shard(param: torch.Tensor, grad: torch.Tensor, state: dict, layout: Lay
     compress_(grad, state, layout, step, hp.ef_rounding)
     m_hat, v_hat = window_moments(state, layout, step, hp.beta1, hp.beta2)
     update_(param, m_hat, v_hat, hp)
+    if hp.alpha:
+        feed_back_ef_(param, state, layout, hp)
