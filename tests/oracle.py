@@ -102,8 +102,11 @@ class OracleResult:
 
 
 def step(theta: np.ndarray, g: np.ndarray, st: OracleState, *, lr, beta1, beta2, eps,
-         weight_decay, m, density, topk_block, quant_block) -> OracleResult:
+         weight_decay, m, density, topk_block, quant_block, alpha=0.0) -> OracleResult:
     """One step in float64; mutates `st` (codes, min/max, window, t) and returns the details.
+
+    alpha > 0 (step 7): theta also loses lr * alpha * Q^-1(EF) of the EF just quantized, and
+    the EF keeps (1 - alpha) of itself through its ranges (codes unchanged).
 
     The window stores the selected values unrounded (float64): a test that feeds the
     oracle the package's state each step replaces them with the stored bf16 values.
@@ -120,6 +123,9 @@ def step(theta: np.ndarray, g: np.ndarray, st: OracleState, *, lr, beta1, beta2,
     st.codes, st.qmin, st.qmax = codes, qmin, qmax
     m_hat, v_hat = moments(st.rows, n, t, m, beta1, beta2)
     new = theta * (1.0 - lr * weight_decay) - lr * m_hat / (np.sqrt(v_hat) + eps)
+    if alpha:
+        new = new - lr * alpha * dequantize(st, n, quant_block)
+        st.qmin, st.qmax = (1.0 - alpha) * qmin, (1.0 - alpha) * qmax
     return OracleResult(new, a_before, sel, a, codes, qmin, qmax, qpos, m_hat, v_hat)
 
 

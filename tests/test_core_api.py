@@ -61,6 +61,14 @@ def test_unknown_and_doubled_names():
         MicroAdam([p], density=0.01, k_init=0.02)
 
 
+def test_alpha_minus_2_is_refused_with_its_reason():
+    """The published package's alpha=-2 needs a float buffer of each param's size."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"Invalid alpha: -2; allowed range is \[0.0, 1.0\).*dense buffer"):
+        MicroAdam([p], alpha=-2)
+    assert MicroAdam([p], alpha=0.5).param_groups[0]["alpha"] == 0.5
+
+
 def test_published_aliases_mean_our_names():
     p = torch.nn.Parameter(torch.zeros(3))
     g = MicroAdam([p], k_init=0.05, quant_block_size=128).param_groups[0]
@@ -334,6 +342,7 @@ INVALID = {
     "topk_block": [0, -8, 32769, 64.0, True],
     "quant_block": [0, -3, 2 ** 31, 128.5, "4096"],
     "ef_rounding": ["up", "", 1, "Nearest"],
+    "alpha": [-0.1, 1.0, -2, -1, float("nan"), "0.1", True],
     "nonfinite": ["ignore", True, ""],
     "backend": ["triton", "", None],
 }
@@ -341,7 +350,7 @@ INVALID = {
 ALLOWED = {"lr": "[0.0, inf]", "betas": "[0", "eps": "(0.0, inf]", "weight_decay": "[0.0, inf]",
            "m": "[1, 1024]", "density": "(0.0, 1.0]", "topk_block": "[1, 32768]",
            "quant_block": "[1, 2147483647]", "ef_rounding": "'nearest', 'stochastic'",
-           "nonfinite": "'skip', 'raise', 'off'", "backend": "'auto', 'reference', 'cuda'"}
+           "alpha": "[0.0, 1.0)", "nonfinite": "'skip', 'raise', 'off'", "backend": "'auto', 'reference', 'cuda'"}
 
 
 def test_every_field_has_a_validation_case():

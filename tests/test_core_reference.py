@@ -31,7 +31,7 @@ def check_step(p, st_before, theta0, g, group, t, seed):
     n = p.numel()
     hp = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
               weight_decay=group["weight_decay"], m=group["m"], density=group["density"],
-              topk_block=group["topk_block"], quant_block=group["quant_block"])
+              topk_block=group["topk_block"], quant_block=group["quant_block"], alpha=group["alpha"])
     B, Q, m = hp["topk_block"], hp["quant_block"], hp["m"]
     if st_before is None:
         ost = oracle.fresh_state(n, Q, m)
@@ -53,6 +53,7 @@ def compare(res, opt, p, group, t, seed, rounding="nearest"):
     n = p.numel()
     st = opt.state[p]
     B, Q, m, density = group["topk_block"], group["quant_block"], group["m"], group["density"]
+    keep = 1.0 - group["alpha"]  # step 7 scales the new ranges by (1 - alpha)
     assert int(st["step"]) == t
     rows = global_rows(st["win_idx"].to(torch.int64).numpy(), st["win_val"].to(torch.float64).numpy(),
                        n, B, density)
@@ -77,8 +78,8 @@ def compare(res, opt, p, group, t, seed, rounding="nearest"):
     az[sel] = 0.0
     codes, qmin, qmax, qpos = oracle.quantize(az, Q)
     tol = 1e-6 * max(np.abs(az).max(), res.addends)
-    np.testing.assert_allclose(st["ef_min"].double().numpy(), qmin, rtol=1e-6, atol=tol)
-    np.testing.assert_allclose(st["ef_max"].double().numpy(), qmax, rtol=1e-6, atol=tol)
+    np.testing.assert_allclose(st["ef_min"].double().numpy(), keep * qmin, rtol=1e-6, atol=tol)
+    np.testing.assert_allclose(st["ef_max"].double().numpy(), keep * qmax, rtol=1e-6, atol=tol)
     got = oracle.unpack_nibbles(st["ef"].numpy(), n)
     frac = qpos - np.floor(qpos)
     # A code may differ where qpos lies within the float32 error of a (in units of the scale).
@@ -96,12 +97,27 @@ def compare(res, opt, p, group, t, seed, rounding="nearest"):
         boundary = np.abs((qpos + xi) - np.round(qpos + xi)) < qtol
         assert np.array_equal(got[~boundary], expect[~boundary]), f"EF codes (seed {seed}, step {t})"
     # EF error bound per element, measured on the package's own decoded EF
-    lo = np.repeat(st["ef_min"].double().numpy(), Q)[:n]
-    hi = np.repeat(st["ef_max"].double().numpy(), Q)[:n]
+    lo = np.repeat(st["ef_min"].double().numpy() / keep, Q)[:n]
+    hi = np.repeat(st["ef_max"].double().numpy() / keep, Q)[:n]
     deq = lo + got * (hi - lo) / 15.0
     bound = (hi - lo) / (30.0 if rounding == "nearest" else 15.0)
     assert np.all(np.abs(deq - az) <= bound * (1 + 1e-5) + 1e-7 * np.abs(az).max() + a_err), f"EF error (seed {seed})"
     return rows
+
+
+def expected_params(opt, p, group, theta0, rows, t):
+    """Steps 5-7 in float64 from the package's window (bf16 values) and, for alpha > 0, its
+    own new EF (codes, and ranges before the (1 - alpha) scaling)."""
+    n, alpha, lr = p.numel(), group["alpha"], group["lr"]
+    m_hat, v_hat = oracle.moments(rows, n, t, group["m"], *group["betas"])
+    out = theta0 * (1 - lr * group["weight_decay"]) - lr * m_hat / (np.sqrt(v_hat) + group["eps"])
+    if alpha:
+        st = opt.state[p]
+        keep = 1.0 - alpha
+        ost = oracle.OracleState(oracle.unpack_nibbles(st["ef"].numpy(), n), st["ef_min"].double().numpy() / keep,
+                                 st["ef_max"].double().numpy() / keep, rows, t)
+        out = out - lr * alpha * oracle.dequantize(ost, n, group["quant_block"])
+    return out
 
 
 @pytest.mark.parametrize("shape,B,Q,density,m", [
@@ -112,12 +128,13 @@ def compare(res, opt, p, group, t, seed, rounding="nearest"):
     ((1,), 4096, 4096, 0.01, 2),      # a single element
 ])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_reference_matches_oracle(shape, B, Q, density, m, rounding, seed):
+@pytest.mark.parametrize("alpha", [0.0, 0.25])
+def test_reference_matches_oracle(shape, B, Q, density, m, rounding, alpha, seed):
     steps = 22
     p = torch.nn.Parameter(torch.randn(shape))
     opt = MicroAdam([p], lr=3e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1, m=m,
                     density=density, topk_block=B, quant_block=Q, ef_rounding=rounding,
-                    backend="reference")
+                    alpha=alpha, backend="reference")
     group = opt.param_groups[0]
     for t in range(1, steps + 1):
         g = torch.randn(shape) * (1 + t % 3)
@@ -128,8 +145,7 @@ def test_reference_matches_oracle(shape, B, Q, density, m, rounding, seed):
         opt.step()
         rows = compare(res, opt, p, group, t, seed, rounding)
         # 4. the update, from the package's window (bf16 values) in float64
-        m_hat, v_hat = oracle.moments(rows, p.numel(), t, m, 0.8, 0.95)
-        expect = theta0 * (1 - 3e-2 * 0.1) - 3e-2 * m_hat / (np.sqrt(v_hat) + 1e-8)
+        expect = expected_params(opt, p, group, theta0, rows, t)
         np.testing.assert_allclose(p.detach().double().reshape(-1).numpy(), expect,
                                    rtol=2e-6, atol=2e-6, err_msg=f"seed {seed}, step {t}")
 
@@ -150,10 +166,7 @@ def steps_against_oracle(opt, steps, seed, grad_of):
         opt.step()
         for p, group, theta0, res in snaps:
             rows = compare(res, opt, p, group, t, seed, group["ef_rounding"])
-            b1, b2 = group["betas"]
-            m_hat, v_hat = oracle.moments(rows, p.numel(), t, group["m"], b1, b2)
-            expect = (theta0 * (1 - group["lr"] * group["weight_decay"])
-                      - group["lr"] * m_hat / (np.sqrt(v_hat) + group["eps"]))
+            expect = expected_params(opt, p, group, theta0, rows, t)
             np.testing.assert_allclose(p.detach().double().reshape(-1).numpy(), expect, rtol=2e-6, atol=2e-6,
                                        err_msg=f"seed {seed}, step {t}, shape {tuple(p.shape)}")
 
@@ -167,6 +180,38 @@ def test_param_groups_each_follow_their_hyperparameters(seed):
                       "k_init": 0.1, "topk_block": 50, "quant_block_size": 64}],
                     backend="reference")
     steps_against_oracle(opt, 20, seed, torch.randn_like)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.75])
+def test_alpha_moves_every_param_and_keeps_1_minus_alpha_of_the_ef(alpha, seed):
+    """From a zero EF, one step with alpha and one without (same gradient) write the same
+    window and EF codes; with alpha the ranges are float32(1 - alpha) times the others, every
+    param with a nonzero EF moved (without: only the window's positions), and the state
+    holds the same tensors of the same sizes."""
+    n, lr = 5000, 1e-2
+    g = torch.randn(n)
+    runs = {}
+    for a in (0.0, alpha):
+        p = torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(seed % 2**31)))
+        opt = MicroAdam([p], lr=lr, alpha=a, topk_block=512, quant_block=64, backend="reference")
+        theta0 = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        runs[a] = (p.detach(), theta0, opt.state[p])
+    (p0, t0, s0), (p1, t1, s1) = runs[0.0], runs[alpha]
+    assert {k: (v.shape, v.dtype) for k, v in s0.items()} == {k: (v.shape, v.dtype) for k, v in s1.items()}
+    for k in ("ef", "win_idx", "win_val"):
+        assert torch.equal(s0[k], s1[k]), k
+    keep = torch.tensor(1.0 - alpha, dtype=torch.float32)
+    assert torch.equal(s1["ef_min"], s0["ef_min"] * keep) and torch.equal(s1["ef_max"], s0["ef_max"] * keep)
+    window = np.zeros(n, dtype=bool)
+    window[global_rows(s0["win_idx"].to(torch.int64).numpy(), s0["win_val"].double().numpy(), n, 512, 0.01)[0][0]] = True
+    assert np.array_equal((p0 != t0).numpy(), window)  # alpha = 0: only the kept entries move
+    e = oracle.dequantize(oracle.OracleState(oracle.unpack_nibbles(s0["ef"].numpy(), n), s0["ef_min"].double().numpy(),
+                                             s0["ef_max"].double().numpy(), [], 1), n, 64)
+    moved = (p1 != t1).numpy()
+    assert np.all(moved[e != 0]) and moved.sum() > 0.9 * n
+    np.testing.assert_allclose((p1 - p0).double().numpy(), -lr * alpha * e, rtol=1e-5, atol=3e-7)
 
 
 def test_stochastic_rounding_is_unbiased(seed):
@@ -220,7 +265,8 @@ def test_reference_matches_oracle_on_random_shapes_and_groups(seed):
                        "betas": (float(rng.uniform(0.5, 0.95)), float(rng.uniform(0.9, 0.999))),
                        "weight_decay": float(rng.choice([0.0, 0.05])), "m": int(rng.integers(1, 7)),
                        "density": float(rng.uniform(0.01, 0.3)), "topk_block": B, "quant_block": Q,
-                       "ef_rounding": str(rng.choice(["nearest", "stochastic"]))})
+                       "ef_rounding": str(rng.choice(["nearest", "stochastic"])),
+                       "alpha": float(rng.choice([0.0, 0.1, 0.9]))})
     print([[tuple(p.shape) for p in g["params"]] for g in groups])
     opt = MicroAdam(groups, eps=1e-8, backend="reference")
     steps_against_oracle(opt, 21, seed, lambda p: torch.randn_like(p) * float(rng.choice([0.01, 1.0, 100.0])))

@@ -182,7 +182,8 @@ def test_zero12_equals_reference_on_two_partitions(runs):
                 for t in range(steps):
                     state["step"] += 1
                     hp = reference.StepHyper(lr=lg["lr"][t][i], beta1=cfg.betas[0], beta2=cfg.betas[1],
-                                             eps=cfg.eps, weight_decay=group_wd, ef_rounding=cfg.ef_rounding)
+                                             eps=cfg.eps, weight_decay=group_wd, ef_rounding=cfg.ef_rounding,
+                                             alpha=cfg.alpha)
                     reference.step_shard(param, lg["grad"][t][i], state, layout, hp)
                     assert torch.equal(param, lg["post"][t][i]), f"ZeRO-{stage} rank {rank} tensor {i} step {t + 1}"
         # ...and DeepSpeed copies the partitions back into the model.
@@ -241,7 +242,8 @@ def test_json_params_validated_at_initialize(runs):
     assert single["deepspeed_loaded_by_import"] is False
     assert single["case_insensitive"] == "DeepSpeedMicroAdam"
     fields = {"unknown key": "k_initt", "density out of range": "density",
-              "topk_block too large": "topk_block", "ef_rounding choice": "ef_rounding"}
+              "topk_block too large": "topk_block", "ef_rounding choice": "ef_rounding",
+              "alpha -2": "alpha"}
     for label, field in fields.items():
         res = single["bad"][label]
         assert res["error"] is not None and field in res["error"] and "optimizer.params" in res["error"], res

@@ -29,7 +29,7 @@ from .sharded import FORMAT, consolidate_dir, reshard_dir, split_file
 from .zero import is_deepspeed, reshard_zero
 
 _INT_FIELDS = ("m", "topk_block", "quant_block")
-_FLOAT_FIELDS = ("lr", "eps", "weight_decay", "density")
+_FLOAT_FIELDS = ("lr", "eps", "weight_decay", "density", "alpha")
 
 
 def _overrides(pairs: list[str]) -> dict:

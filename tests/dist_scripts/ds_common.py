@@ -13,7 +13,7 @@ import torch
 # Small blocks so that even this tiny model has several top-k and quant blocks per
 # partition, with partial last blocks.
 HYPER = {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01, "m": 4,
-         "density": 0.1, "topk_block": 64, "quant_block": 32, "backend": "reference"}
+         "density": 0.1, "topk_block": 64, "quant_block": 32, "alpha": 0.1, "backend": "reference"}
 D_IN, D_HID, D_OUT = 13, 37, 5
 MICRO_BATCH = 4
 

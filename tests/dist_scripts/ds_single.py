@@ -32,6 +32,7 @@ BAD = {
     "density out of range": {"density": 2.0},
     "topk_block too large": {"topk_block": 40000},
     "ef_rounding choice": {"ef_rounding": "up"},
+    "alpha -2": {"alpha": -2},
 }
 
 
