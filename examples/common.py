@@ -33,12 +33,15 @@ import torch
 
 CORPORA = ("python", "cpp", "pypackages", "docs")
 
-# Model sizes (byte vocabulary). Parameter counts: tiny ~0.9 M, small ~7 M, 125m ~128 M, 350m ~307 M.
+# Model sizes (byte vocabulary). Parameter counts: tiny ~0.9 M, small ~7 M, 25m ~26 M, 125m ~128 M,
+# 350m ~307 M.
 SIZES = {
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4,
                   num_key_value_heads=4),
+    "25m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=8),
     "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=12,
                  num_key_value_heads=12),
     "350m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
