@@ -16,17 +16,7 @@
 namespace microadam {
 
 #ifndef MICROADAM_THREADS
-#define MICROADAM_THREADS 256  // threads per block of every kernel (128 measured slower: docs/performance.md)
-#endif
-#ifndef MICROADAM_RCP_APPROX
-#define MICROADAM_RCP_APPROX 1  // 1: the reciprocal of a quant block's scale by rcp.approx (see scale_inv)
-#endif
-#ifndef MICROADAM_QTIE
-#define MICROADAM_QTIE 1  // 1: quant_unit (nearest) tests for a rounding tie by the unit's largest |q - c| alone
-                          // (pass 1 -0.26 ms at quant block 4096, -0.32 at 64; pass 2 2.89 -> 2.72 ms)
-#endif
-#ifndef MICROADAM_DIV15
-#define MICROADAM_DIV15 1  // 1: ef_scale by a reciprocal and one correction (0: the IEEE division)
+#define MICROADAM_THREADS 256  // threads per block of every kernel (benchmarks/kernel_variants.py may override it)
 #endif
 
 constexpr int THREADS = MICROADAM_THREADS;
@@ -174,21 +164,17 @@ __device__ __forceinline__ void load_unit_smem(const float* s, float (&v)[8], in
 }
 
 // -- error feedback ------------------------------------------------------------------
-// RN((hi - lo) / 15). MICROADAM_DIV15: q0 = RN(d * RN(1/15)) is within one ulp of d / 15, the
+// RN((hi - lo) / 15) without a division: q0 = RN(d * RN(1/15)) is within one ulp of d / 15, the
 // residual r = d - 15 q0 is exact in an FMA, and RN(q0 + r * RN(1/15)) is the correctly rounded
 // quotient (Markstein's theorem); tests/test_cuda_float_ops.py checks it against the IEEE division
 // for all 2^32 floats (d = +-inf: the residual is NaN and q0 the quotient; the residual is
 // computed negated so that d = -0 gives -0, as the division does).
 __device__ __forceinline__ float div15(float d) {
-#if MICROADAM_DIV15
   constexpr float kInv15 = 1.0f / 15.0f;
   const float q0 = __fmul_rn(d, kInv15);
   const float t = __fmaf_rn(q0, 15.0f, -d);  // -(residual), exact; +0 for d = -0, so that q keeps the sign
   const float q = __fmaf_rn(t, -kInv15, q0);
   return t == t ? q : q0;
-#else
-  return __fdiv_rn(d, 15.0f);
-#endif
 }
 __device__ __forceinline__ float ef_scale(float lo, float hi) { return div15(__fsub_rn(hi, lo)); }
 
@@ -224,17 +210,13 @@ __device__ __forceinline__ unsigned quant_code(float a, float lo, float scale, b
 }
 
 // The reciprocal of a scale for quant_code_fast / quant_unit, which need it only within one
-// float step of the correctly rounded 1 / scale (below). MICROADAM_RCP_APPROX: the hardware
-// approximation rcp.approx.f32 (subnormals kept; tests/test_cuda_float_ops.py checks the one
-// step for every positive float), else the correctly rounded reciprocal.
+// float step of the correctly rounded 1 / scale (below): the hardware approximation
+// rcp.approx.f32 (subnormals kept; tests/test_cuda_float_ops.py checks the one step for every
+// positive float), cheaper than the correctly rounded reciprocal.
 __device__ __forceinline__ float scale_inv(float scale) {
-#if MICROADAM_RCP_APPROX
   float r;
   asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(scale));
   return r;
-#else
-  return __frcp_rn(scale);
-#endif
 }
 
 // The same code as quant_code from a reciprocal instead of a division: with inv within one
@@ -267,11 +249,15 @@ __device__ __forceinline__ unsigned quant_code_fast(float a, float lo, float sca
 __device__ __forceinline__ unsigned quant_unit(const float (&v)[8], int valid, float lo, float scale, float inv,
                                                bool stochastic, int64_t step, int64_t gi0) {
   if (!(scale > 0.0f)) return 0u;
-#if MICROADAM_QTIE
   if (!stochastic) {
-    // As below, with the tie test taken out of the loop: the unit's largest |q - c| (one FMNMX
-    // an element) tells whether any element lies within 1e-5 of a rounding boundary; only then
-    // are the elements tested one by one and those redone by the exact division.
+    // lo <= v <= hi (lo, hi: the block's min and max), so 0 <= q <= 15 (1 + 3 ulp): t = q + 1.5 * 2^23
+    // rounds q to the nearest integer (ties to even, as rintf) in its low mantissa bits, which are
+    // the code: no clamp, no conversion (elements past valid may give any nibble: masked below).
+    // (A NaN in the block, possible only with nonfinite="off", gets code 15 where a clamp gives 0;
+    // the reference casts its NaN code to uint8, which C leaves undefined.) The tie test is taken
+    // out of the loop: the unit's largest |q - c| (one FMNMX an element) tells whether any element
+    // lies within 1e-5 of a rounding boundary; only then are the elements tested one by one and
+    // those redone by the exact division.
     unsigned w = 0u;
     float dmax = 0.0f;
 #pragma unroll
@@ -298,18 +284,13 @@ __device__ __forceinline__ unsigned quant_unit(const float (&v)[8], int valid, f
     }
     return w & (valid >= 8 ? 0xffffffffu : (1u << (4 * valid)) - 1u);
   }
-#endif
   unsigned w = 0u, redo = inv < INFINITY ? 0u : 0xffu;  // 1 / scale overflowed (scale < 2^-128): all exact
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const float q = __fmul_rn(__fsub_rn(v[j], lo), inv);
     if (!stochastic) {
-      // lo <= v <= hi (lo, hi: the block's min and max), so 0 <= q <= 15 (1 + 3 ulp): t = q + 1.5 * 2^23
-      // rounds q to the nearest integer (ties to even, as rintf) in its low mantissa bits, which are
-      // the code: no clamp, no conversion (elements past valid may give any nibble: masked below).
-      // (A NaN in the block, possible only with nonfinite="off", gets code 15 where the clamp gave 0;
-      // the reference casts its NaN code to uint8, which C leaves undefined.) Pass 1 is 0.1 ms faster
-      // at quant blocks 64 and 4096, pass 2 0.13 ms (kernel_variants_h100_s13_d.json, _e.json).
+      // Never taken (the nearest codes returned above), yet kept: without this branch the
+      // compiler allocates the lean instances' registers differently and the step is slower.
       const float t = __fadd_rn(q, 12582912.0f);
       const float c = __fsub_rn(t, 12582912.0f);
       redo |= (unsigned)(fabsf(fabsf(q - c) - 0.5f) < 1e-5f) << j;

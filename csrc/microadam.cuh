@@ -35,9 +35,9 @@ enum Field : int {
 
 enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
-// Elements per virtual block of the second (EF requantization) pass (4096, 8192 and 16384
-// measured slower: docs/performance.md, sessions 9 and 10); a multiple of 32,
-// so that no EF byte straddles two chunks (and the bit flags of pass 2 fill whole words).
+// Elements per virtual block of the second (EF requantization) pass (smaller chunks are
+// slower: more blocks, each waiting on its record lookup); a multiple of 32, so that no EF
+// byte straddles two chunks (and the bit flags of pass 2 fill whole words).
 #ifndef MICROADAM_CHUNK2
 #define MICROADAM_CHUNK2 32768
 #endif

@@ -18,63 +18,27 @@
 #include <climits>
 #include <type_traits>
 
-// Compile-time variants, measured by benchmarks/kernel_variants.py; the defaults are the build
-// (MICROADAM_THREADS, MICROADAM_DIV15 and MICROADAM_RCP_APPROX are in common.cuh).
-#ifndef MICROADAM_NO_FAST_TOPK
-#define MICROADAM_NO_FAST_TOPK 0  // 1: always the general threshold path of the top-k
-#endif
+// Launch shape of the build; benchmarks/kernel_variants.py overrides these with -D to
+// compare others (the values here are the build). THREADS is in common.cuh, CHUNK2 in
+// microadam.cuh.
 #ifndef MICROADAM_MIN_BLOCKS
-#define MICROADAM_MIN_BLOCKS 5  // __launch_bounds__ of the top-k kernel: resident blocks per SM (caps registers)
-#endif
-#ifndef MICROADAM_ROW_MOMENTS
-#define MICROADAM_ROW_MOMENTS 0  // 1: moments row by row (the path of m > 32) for every m
-#endif
-#ifndef MICROADAM_LEAN
-#define MICROADAM_LEAN 15  // lean instances of pass 1 for common launches (lean_kind): bit 0 the one with
-                          // quant blocks fused by shuffles, bit 1 the one for other one-pass quant blocks,
-                          // bit 2: a twin of each with the dense sweep, for launches with weight decay,
-                          // bit 3: the one for one quant block per top-k block (quant_block == topk_block)
-#endif
-#ifndef MICROADAM_PF_PARAM
-#define MICROADAM_PF_PARAM 1  // 1: L2 prefetch of every 32-byte sector of the block's params at its start (the
-                              // update reads them at the end); prefetching only the window positions was no better
-#endif
-#ifndef MICROADAM_LEAN_TWOPASS
-#define MICROADAM_LEAN_TWOPASS 1  // 1: lean instance 2 also takes launches with second-pass tensors
+#define MICROADAM_MIN_BLOCKS 5  // __launch_bounds__ of pass 1: resident blocks per SM (caps registers)
 #endif
 #ifndef MICROADAM_P2_MIN_BLOCKS
-#define MICROADAM_P2_MIN_BLOCKS 6  // __launch_bounds__ of pass 2: resident blocks per SM (4, 5, 7, 8 measured slower)
+#define MICROADAM_P2_MIN_BLOCKS 6  // __launch_bounds__ of pass 2: resident blocks per SM
 #endif
-#ifndef MICROADAM_BIG_Q
-#define MICROADAM_BIG_Q 1  // 1: one-pass quant blocks over 512 take their min/max by warp reductions folded
-                           // with shared atomics, one barrier, then quantize (big_q below; pass 1 at quant
-                           // block 1024: 16.11 -> 14.17 ms, at 4096 unchanged)
-#endif
-#ifndef MICROADAM_CAND_RANGE
-#define MICROADAM_CAND_RANGE 1  // 1: lean instance 3 takes its block's new range from the candidates of the
-                                // top-k that are not kept when they hold both signs (no pass over a)
-#endif
-#ifndef MICROADAM_CAND_RANGE2
-#define MICROADAM_CAND_RANGE2 1  // 1: lean instance 2, likewise for a top-k block inside one quant block of a
-                                 // second-pass tensor (quant block 100000): its range without the block pass
-#endif
-#ifndef MICROADAM_BIG_Q_WD3
-#define MICROADAM_BIG_Q_WD3 1  // 1: big_q (and so the candidate range) in the weight-decay twin of instance 3
-#endif
-#ifndef MICROADAM_SPLIT_UPD
-#define MICROADAM_SPLIT_UPD 1  // 1: the weight-decay twins: the owners of window positions only compute each
-                               // position's step into shared memory; then one pass decays and updates every param
-                               // (pass 1 with weight decay 0.1: 16.5 -> 13.8 ms at quant block 4096)
+#ifndef MICROADAM_LEAN
+#define MICROADAM_LEAN 15  // lean instances of pass 1 built for common launches (lean_kind): bit 0 the one with
+                           // quant blocks fused by shuffles, bit 1 the one for other one-pass quant blocks,
+                           // bit 2: a twin of each with the dense sweep, for launches with weight decay,
+                           // bit 3: the one for one quant block per top-k block (quant_block == topk_block)
 #endif
 #ifndef MICROADAM_WIDE_FROM
 #define MICROADAM_WIDE_FROM 8192  // top-k blocks of this size and more take pass 1 of microadam_kernels_wide.cu
-                                  // (512 threads a block: these fit only 1-2 blocks a SM by shared memory)
+                                  // (more threads a block: these fit only 1-2 blocks a SM by shared memory)
 #endif
 #ifndef MICROADAM_PASS1_WIDE
 #define MICROADAM_PASS1_WIDE 0  // set by microadam_kernels_wide.cu: this translation unit holds only its pass 1
-#endif
-#ifndef MICROADAM_STOP_AFTER
-#define MICROADAM_STOP_AFTER 0  // profiling only (wrong results): stop after 1 the window staging, 2 a, 3 the top-k, 4 the EF
 #endif
 
 #include "common.cuh"
@@ -152,8 +116,7 @@ __device__ __forceinline__ void block_info(const Rec& R, int64_t vb, int B, int 
   I.base = jb * B;
   I.L = (int)min((int64_t)B, R.n - I.base);
   // 32-bit divisions where the operands fit (a 64-bit one is a long software sequence, run by
-  // thread 0 while the block waits), and the last block told by its length: pass 1 0.07-0.09 ms
-  // faster at quant blocks 64 and 4096 (kernel_variants_h100_s13_f.json).
+  // thread 0 while the block waits), and the last block told by its length.
   I.kj = R.n - I.base <= (int64_t)B ? R.k_last : KB;
   I.col0 = jb * KB;
   const uint64_t s1 = (uint64_t)(R.step - 1), ub = (uint64_t)I.base;
@@ -196,24 +159,23 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
   __shared__ float qmn[BIGQ_MAX], qmx[BIGQ_MAX];  // big_q: the new range of each quant block
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // big_q is compiled into the general instance, lean instances 2 and 3 and the weight-decay twin
-  // of 3 (MICROADAM_BIG_Q_WD3), not into the twin of 2: there it took registers from the rest
-  // (stack frame 32 -> 40 bytes) and cost quant block 4096 0.43 ms (kernel_variants_h100_s11_bigq_wd.json).
-  constexpr bool BIG_Q_IN = MICROADAM_BIG_Q && (LEAN & 3) != 1 &&
-                            ((LEAN & 4) == 0 || ((LEAN & 3) == 3 && MICROADAM_BIG_Q_WD3));
-  // The weight-decay twins' update in two phases (MICROADAM_SPLIT_UPD; their a has 2 S floats).
-  constexpr bool SPLIT = MICROADAM_SPLIT_UPD && (LEAN & 4);
+  // of 3, not into the twin of 2: there it takes registers from the rest (a larger stack frame,
+  // a slower step).
+  constexpr bool BIG_Q_IN = (LEAN & 3) != 1 && ((LEAN & 4) == 0 || (LEAN & 3) == 3);
+  // The weight-decay twins' update in two phases (their a has 2 S floats).
+  constexpr bool SPLIT = (LEAN & 4) != 0;
   constexpr bool ONEQ = (LEAN & 3) == 3;  // quant_block == topk_block: q0 = the block's index, r0 = 0
   // The one range of the block from the top-k's candidates (qmn[0], qmx[0]), needs big_q's arrays.
-  constexpr bool CAND_RANGE = ONEQ && BIG_Q_IN && MICROADAM_CAND_RANGE;
+  constexpr bool CAND_RANGE = ONEQ && BIG_Q_IN;
   // Instance 2: the candidates' range goes to crange (qmn/qmx hold big_q's ranges of several quant blocks).
-  constexpr bool CAND_RANGE2 = (LEAN & 3) == 2 && MICROADAM_CAND_RANGE2;
+  constexpr bool CAND_RANGE2 = (LEAN & 3) == 2;
   __shared__ float crange[2];
   // Fast top-k (topk_cand) where the upper half of a can list its candidates.
-  const bool fast = LEAN || (SA > S && !MICROADAM_NO_FAST_TOPK);
-  const bool use_mask = LEAN || (m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS);
+  const bool fast = LEAN || SA > S;
+  const bool use_mask = LEAN || m <= MASK_MAX_M;
   // The step's go flag (F_GO): read by thread 0 with the record, by all after the first barrier.
-  // (Read by every thread at the start, from StepArgs, it cost quant block 4096 0.57 ms through
-  // the register allocation: docs/performance.md, session 12.)
+  // (Read by every thread from StepArgs at the start instead, it changes the register
+  // allocation and slows the step.)
   __shared__ int go_s;
 
   for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
@@ -234,9 +196,9 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     const unsigned r0 = BI.r0, kdiv = BI.kdiv;
     // Row of window entry e.
     auto row_of = [&](int e) { return kdiv ? (int)__umulhi((unsigned)e, kdiv) : e / kj; };
-    const bool onepass = (LEAN & 3) == 1 || ONEQ || ((LEAN & 3) == 2 && !MICROADAM_LEAN_TWOPASS) || R.ws < 0;
+    const bool onepass = (LEAN & 3) == 1 || ONEQ || R.ws < 0;
     const int nunits = (L + 7) / 8;
-    if (MICROADAM_PF_PARAM == 1) {
+    {  // the update at the end reads the block's params: bring every 32-byte sector into L2 now
       const int nbytes = L * (int)sizeof(P);
       for (int o = 32 * tid; o < nbytes; o += 32 * THREADS) prefetch_l2(reinterpret_cast<const char*>(param + base) + o);
     }
@@ -263,8 +225,6 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         }
       }
     }
-
-    if (MICROADAM_STOP_AFTER == 1) { __syncthreads(); continue; }
 
     // 2. a = g + Q^-1(EF) with the ranges of the previous step; two units in flight per thread.
     // Fast top-k: the largest |a| (its rungs of candidates); otherwise the first radix pass
@@ -316,8 +276,6 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     }
     __syncthreads();
 
-    if (MICROADAM_STOP_AFTER == 2) { __syncthreads(); continue; }
-
     // 3. Top-k into window row (t-1) mod m, ascending; zero the kept entries.
     {
       int16_t* gi = R.win_idx + (int64_t)row * R.k_total + col0;
@@ -340,8 +298,6 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
         topk_write(a, L, thr.x, thr.y, gi, gv, si, sv, wcount);
       }
     }
-
-    if (MICROADAM_STOP_AFTER == 3) { __syncthreads(); continue; }
 
     // 4+5 fused, for small power-of-two quant blocks in one pass: Q/8 consecutive lanes
     // hold one quant block's units; they reduce min/max by shuffles and quantize at once.
@@ -429,8 +385,7 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
     }
 
     // 4. New min/max per quant block overlapping this top-k block (after zeroing).
-    // Divided only on the paths that loop over the quant blocks (computed for every block, the
-    // division was 1% of instance 3's instructions: kernel_variants_h100_s13_e.json).
+    // Divided only on the paths that loop over the quant blocks (most launches never need it).
     auto nql_now = [&]() { return (int)((r0 + (unsigned)L - 1u) / (unsigned)Q) + 1; };
     auto sink = [&](int ql, float mn, float mx) {
       if (onepass) {
@@ -504,8 +459,6 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       }
     }
     __syncthreads();
-
-    if (MICROADAM_STOP_AFTER == 4) continue;
 
     // 6. Moments and update. Rows are added in order r = 0..m-1 from 0, as the reference's
     // index_add_ on the CPU does. Without weight decay only the window's positions are
@@ -597,9 +550,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
       }
       if (SPLIT) {
         // The dense sweep and the window's updates in one pass: theta (* decay) - dl, 8 params at a
-        // time (dl is z outside the window). One unit a thread at a time: two units loaded before
-        // either was stored cost 0.5 ms, and raw 16-bit words kept in registers 0.12 ms
-        // (kernel_variants_h100_s14_b_wd.json, _f_wd.json).
+        // time (dl is z outside the window). One unit a thread at a time, as floats: two units in
+        // flight, or raw 16-bit words kept in registers, take registers and are slower.
         __syncthreads();
         for (int u = tid; u < nunits; u += THREADS) {
           if (vec_p && 8 * u + 8 <= L) {
@@ -671,8 +623,8 @@ __global__ void __launch_bounds__(THREADS, MICROADAM_MIN_BLOCKS) compress_update
 // Pass 2: EF of tensors whose quant blocks straddle top-k blocks, CHUNK2 elements per block.
 // Its blocks are short and wait on chains of loads, so the chain is kept short: warp 0 finds
 // the record by ballots (one round of loads, not a binary search's chain), the chunk's window
-// entries are marked in one round, and 6 resident blocks per SM keep more chunks in flight
-// (docs/performance.md, session 9). This step's window positions are bits: unit u's 8 flags
+// entries are marked in one round, and 6 resident blocks per SM keep more chunks in flight.
+// This step's window positions are bits: unit u's 8 flags
 // are byte u & 3 of word u / 4.
 template <typename G>
 __global__ void __launch_bounds__(THREADS, MICROADAM_P2_MIN_BLOCKS) requant_kernel(StepArgs A) {
@@ -763,18 +715,17 @@ __global__ void commit_ranges_kernel(StepArgs A) {
 #endif  // !MICROADAM_PASS1_WIDE
 
 // The lean instance of pass 1 a launch can take (0: none): the fast top-k, the staged window,
-// the bitmask moments, every tensor one pass (unless MICROADAM_LEAN_TWOPASS: instance 2 keeps
-// the per-tensor test); 1 when its quant blocks (8..256, a power of two) are fused with
+// the bitmask moments, every tensor one pass (except instance 2, which keeps the per-tensor
+// test: it also takes launches with second-pass tensors); 1 when its quant blocks (8..256, a power of two) are fused with
 // shuffles; 3 when the quant block is the top-k block (MICROADAM_LEAN & 8); plus 4 for the twin
 // with the dense sweep (weight decay) when MICROADAM_LEAN & 4.
 int lean_kind(const StepArgs& A) {
   const int Q = A.quant_block;
   const bool lean = A.win_smem && (!A.dense || (MICROADAM_LEAN & 4)) &&
-                    A.topk_block <= ACC_DOUBLE_MAX && A.m <= MASK_MAX_M && !MICROADAM_ROW_MOMENTS &&
-                    !MICROADAM_NO_FAST_TOPK;
+                    A.topk_block <= ACC_DOUBLE_MAX && A.m <= MASK_MAX_M;
   if (!lean) return 0;
   const int sweep = A.dense ? 4 : 0;
-  if (A.ntensors2 > 0) return (MICROADAM_LEAN & 2) && MICROADAM_LEAN_TWOPASS ? 2 | sweep : 0;
+  if (A.ntensors2 > 0) return (MICROADAM_LEAN & 2) ? 2 | sweep : 0;
   if ((MICROADAM_LEAN & 1) && Q >= 8 && Q <= 256 && (Q & (Q - 1)) == 0) return 1 | sweep;
   if ((MICROADAM_LEAN & 8) && Q == A.topk_block) return 3 | sweep;
   return (MICROADAM_LEAN & 2) ? 2 | sweep : 0;

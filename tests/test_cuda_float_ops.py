@@ -1,11 +1,11 @@
 """The float operations of csrc/common.cuh that replace IEEE ones, over every float32 bit
 pattern (GPU only; skipped without CUDA).
 
-- `div15` (MICROADAM_DIV15=1), the EF scale's division by 15 without a division: equal to
+- `div15`, the EF scale's division by 15 without a division: equal to
   the IEEE quotient `__fdiv_rn(d, 15)` for all 2^32 inputs, and, for a fresh random sample,
   to float64 division rounded to float32 on the CPU (d / 15 is never a float32 midpoint:
   15 * (an odd multiple of half a float32 ulp) has more than 24 bits).
-- `scale_inv` (MICROADAM_RCP_APPROX=1): the bound quant_unit and quant_code_fast rely on,
+- `scale_inv` (rcp.approx.f32): the bound quant_unit and quant_code_fast rely on,
   at most one float32 step from the correctly rounded reciprocal `__frcp_rn` for every
   positive float whose reciprocal is finite, and +inf where that overflows.
 """
@@ -92,7 +92,7 @@ def ext():
              "torch::Tensor apply(torch::Tensor d);")
     return load_inline(name="microadam_float_ops_check", cpp_sources=decls, cuda_sources=SOURCE,
                        functions=["check_div15", "check_rcp", "apply"], extra_include_paths=[str(CSRC)],
-                       extra_cuda_cflags=["-O3", "-std=c++17", "-DMICROADAM_DIV15=1", "-DMICROADAM_RCP_APPROX=1"],
+                       extra_cuda_cflags=["-O3", "-std=c++17"],
                        verbose=False)
 
 
