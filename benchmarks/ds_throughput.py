@@ -15,7 +15,7 @@ Every (stage, optimizer) pair gets a fresh model and engine in the same processe
 Reported per run: tokens/s (all ranks), step time, per-rank peak memory (also above what the
 process held when the run started: earlier runs may leave memory allocated), per-rank
 optimizer-state bytes (fp32 master partition reported apart) and state bytes per
-model parameter; per stage, MicroAdam/AdamW ratios against the issue's targets
+model parameter; per stage, MicroAdam/AdamW ratios against the project's targets
 (throughput >= 0.98x, per-rank state <= 0.9/N bytes/param). Rank 0 writes the JSON.
 """
 

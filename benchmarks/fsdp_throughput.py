@@ -178,7 +178,7 @@ def main():
     if rank == 0:
         out = {"world_size": world, "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                "torch": torch.__version__, "args": vars(args), "results": results}
-        # Every MicroAdam row against AdamW. Target (issue 5): per-rank state <= 0.9 / N bytes
+        # Every MicroAdam row against AdamW. Target: per-rank state <= 0.9 / N bytes
         # per model param, i.e. state_bytes_per_param_times_world <= 0.9.
         a = results.get("adamw")
         for name, m in results.items():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's checks: the ahead-of-time build (pip install), the just-in-time build,
+# The checks of one GPU machine: the ahead-of-time build (pip install), the just-in-time build,
 # the GPU tests and the step benchmark, results under $OUT.
 # Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh [all | a comma list of tests,bench,ncu,sanitize] [pytest -k expr]
 set -o pipefail

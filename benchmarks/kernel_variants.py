@@ -3,8 +3,8 @@
 Each variant is the extension of csrc/ built with extra nvcc defines: the launch-shape
 constants (MICROADAM_THREADS in csrc/common.cuh, MICROADAM_CHUNK2 in csrc/microadam.cuh,
 the MICROADAM_* block at the top of csrc/microadam_kernels.cu and microadam_kernels_wide.cu),
-or, with MICROADAM_CSRC naming a patched copy of csrc/, any define that copy reads. The builds run in parallel, then every variant times
-the same Llama-shaped step as step_bench.py.
+or, with MICROADAM_CSRC naming a patched copy of csrc/, any define that copy reads. The
+builds run in parallel, then every variant times the same Llama-shaped step as step_bench.py.
 
     python benchmarks/kernel_variants.py --variants "base:,p2x8:-DMICROADAM_P2_MIN_BLOCKS=8" \
         --quant-blocks 64,100000 --out variants.json

@@ -13,7 +13,7 @@ host ms (until step() returns, started on an idle GPU; MicroAdam's first launch 
 before that, so step ms - GPU ms is the host time the GPU waited for, plus gaps between
 launches); state bytes per param (all optimizer state tensors); transient MiB (peak
 memory during a step above the memory held before it). Rows `microadam_q<Q>_fl0` make one
-launch per step after every record is built (the build before session 11).
+launch per step after every record is built (no early first launch).
 """
 
 from __future__ import annotations

@@ -325,7 +325,7 @@ def assert_smooth_continuation(stdout, dst, resumed_at, loss_file, ref, last, no
     """A run resumed from checkpoint `dst` at step `resumed_at` trained steps resumed_at+1..last
     and its loss stayed close to the uninterrupted run's `ref`; returns the per-step gaps.
 
-    The issue's criterion: no jump beyond the step-to-step noise of the uninterrupted run.
+    The criterion: no jump beyond the step-to-step noise of the uninterrupted run.
     Sharper: over the `first` steps after the reshard (same batches as the reference) the gap
     stays under 3% of that noise. Resuming with the EF and window zeroed instead gives gaps
     of 10-14% of the noise there (measured), so this bound sees lost state.
@@ -341,7 +341,7 @@ def assert_smooth_continuation(stdout, dst, resumed_at, loss_file, ref, last, no
 
 
 def shared_reference(folder, run):
-    """`run(folder)` once per test session, then (folder/"ck", its losses from folder/"loss.jsonl").
+    """`run(folder)` once for all tests, then (folder/"ck", its losses from folder/"loss.jsonl").
 
     pytest-xdist workers share the result through a lock file: the first one to get the lock
     runs it, the others wait and reuse it.

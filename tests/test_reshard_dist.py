@@ -42,7 +42,7 @@ def launch(world, root, loss_file, *extra, expect_ok=True):
 
 @pytest.fixture(scope="module")
 def reference(run_shared_dir):
-    """An uninterrupted 2-rank run, checkpointing every EVERY steps. Run once per session:
+    """An uninterrupted 2-rank run, checkpointing every EVERY steps. Run once for all tests:
     pytest-xdist workers share it through a locked directory beside their temp roots."""
     return shared_reference(run_shared_dir / "ckpt_reference",
                             lambda d: launch(2, d / "ck", d / "loss.jsonl", "--every", EVERY))

@@ -44,7 +44,7 @@ def launch(world, loss_file, *extra):
 @pytest.fixture(scope="module")
 def fsdp_reference(run_shared_dir):
     """An uninterrupted 2-rank FSDP2 run that saves a DCP checkpoint at step SAVE_AT
-    (once per session; xdist workers share it through a locked directory)."""
+    (once for all tests; xdist workers share it through a locked directory)."""
     return shared_reference(run_shared_dir / "fsdp_ckpt_reference", lambda d: launch(
         2, d / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", d / "ck"))
 
@@ -118,7 +118,7 @@ def ds_launch(world, loss_file, *extra, steps=STEPS):
 
 @pytest.fixture(scope="module")
 def ds_reference(run_shared_dir):
-    """An uninterrupted 2-rank ZeRO-2 run that saves at step SAVE_AT (once per session)."""
+    """An uninterrupted 2-rank ZeRO-2 run that saves at step SAVE_AT (once for all tests)."""
     return shared_reference(run_shared_dir / "ds_ckpt_reference", lambda d: ds_launch(
         2, d / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", d / "ck"))
 
@@ -205,7 +205,7 @@ Z3_STEPS, Z3_SUB_GROUP = 13, 400  # sub-groups of <= ~400 elements: several tens
 
 @pytest.fixture(scope="module")
 def z3_reference(run_shared_dir):
-    """An uninterrupted 2-rank ZeRO-3 run that saves at step SAVE_AT (once per session)."""
+    """An uninterrupted 2-rank ZeRO-3 run that saves at step SAVE_AT (once for all tests)."""
     return shared_reference(run_shared_dir / "z3_ckpt_reference", lambda d: ds_launch(
         2, d / "loss.jsonl", "--save-at", SAVE_AT, "--ckpt", d / "ck", "--stage", 3,
         "--sub-group-size", Z3_SUB_GROUP, steps=Z3_STEPS))
