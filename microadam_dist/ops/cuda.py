@@ -133,7 +133,7 @@ class _Entry:
 
 
 def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable,
-             go: torch.Tensor | None = None) -> Callable[[], None] | None:
+             go: torch.Tensor | None = None) -> Callable[..., None] | None:
     """Runner: one fused step for every job (see module docstring).
 
     Launches go out while the later jobs' records are still being built: a group is
@@ -152,10 +152,14 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable,
     it once the check has passed, to advance the step counters and run the jobs the kernels
     could not take through the fallback; if the check failed it is not called, and nothing
     has changed. So the host plans and launches while the GPU checks (optim.py step()).
+
+    `go` may also hold one flag per job (len(jobs) > 1 elements, contiguous): job i's records
+    read flag i, and `finish(ok)` takes the host copy of the flags (a list of bools) and
+    finishes only the jobs whose flag is true (step_in_backward's per-tensor skip, backward.py).
     """
-    pending: dict[tuple, list] = {}  # key -> [(job, entry) not launched yet, their top-k blocks, launch at]
+    pending: dict[tuple, list] = {}  # key -> [(job, entry, index in jobs) not launched yet, their top-k blocks, launch at]
     rest, taken = [], []
-    for job in jobs:
+    for i, job in enumerate(jobs):
         ent = _entry(job, module)
         if ent is None:
             rest.append(job)
@@ -165,7 +169,7 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable,
         slot = pending.get(key)
         if slot is None:
             pending[key] = slot = [[], 0, FIRST_LAUNCH_BLOCKS or 1 << 62]
-        slot[0].append((job, ent))
+        slot[0].append((job, ent, i))
         slot[1] += ent.n_topk_blocks
         if slot[1] >= slot[2]:
             _launch_group(module, slot[0], hp, go)
@@ -174,10 +178,14 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable,
         if group:
             _launch_group(module, group, hp, go)
 
-    def finish() -> None:
-        advance_steps(taken)
-        if rest:
-            fallback(rest, hp)  # advances its jobs' steps itself
+    def finish(ok: list[bool] | None = None) -> None:
+        done, late = taken, rest
+        if ok is not None:  # one flag per job: finish the jobs whose flag was true
+            good = {id(job) for job, flag in zip(jobs, ok) if flag}
+            done, late = [j for j in taken if id(j) in good], [j for j in rest if id(j) in good]
+        advance_steps(done)
+        if late:
+            fallback(late, hp)  # advances its jobs' steps itself
 
     if go is not None:
         return finish
@@ -196,15 +204,16 @@ def _one_pass(module, n: int, topk_block: int, quant_block: int) -> bool:
 
 
 def _workspace_batches(group: list):
-    """Split a group of (job, entry) so that each launch's second-pass workspace stays
-    within WORKSPACE_BYTES."""
+    """Split a group of (job, entry, index) so that each launch's second-pass workspace
+    stays within WORKSPACE_BYTES."""
     batch, used = [], 0
-    for job, ent in group:
+    for item in group:
+        ent = item[1]
         need = 8 * ent.n_quant_blocks if ent.two else 0
         if batch and used + need > WORKSPACE_BYTES:
             yield batch
             batch, used = [], 0
-        batch.append((job, ent))
+        batch.append(item)
         used += need
     if batch:
         yield batch
@@ -236,11 +245,12 @@ def _launch(module, batch: list, hp: StepHyper, go: torch.Tensor | None) -> None
     chunk2 = module.CHUNK2  # elements per pass-2 block, as built
     b1, b2 = hp.beta1, hp.beta2
     go_ptr = go.data_ptr() if go is not None else 0
-    for job, ent in batch:
+    go_stride = go.element_size() if go is not None and go.numel() > 1 else 0  # one flag per job
+    for job, ent, i in batch:
         step = int(job.state["step"]) + 1  # the step this launch takes (advanced after it)
         # Fields in the order of F_PARAM .. F_GO, then the reserved one (REC in all).
         rec = [job.param.data_ptr(), job.grad.data_ptr(), *ent.fields, start, step,
-               _coef_bits(b1, b2, step), -1, go_ptr, 0]
+               _coef_bits(b1, b2, step), -1, go_ptr + i * go_stride, 0]
         if ent.two:
             rec[F_WS] = ws_off
             ws_off += ent.n_quant_blocks
