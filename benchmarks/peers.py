@@ -222,9 +222,9 @@ def time_row(spec: str, shapes, device: torch.device, args) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     opt = params = None
     try:
-        t0 = time.perf_counter()
         params = make_params(shapes, DTYPES[dname], device, gen)
         nparams = sum(p.numel() for p in params)
+        t0 = time.perf_counter()
         opt = build(params, args.weight_decay)
         for _ in range(args.warmup):
             for p in params:
@@ -335,17 +335,9 @@ def main(argv=None) -> dict:
                              f"and name in {sorted(BY_NAME)}")
     device = torch.device(args.device)
     shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     start = time.perf_counter()
-    out_rows = []
-    for spec in rows:
-        out_rows.append(time_row(spec, shapes, device, args))
-        r = out_rows[-1]
-        what = f"{r['median_ms']:.2f} ms" if r["status"] == "ok" else r["reason"]
-        print(f"  {spec}: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
-    for r in out_rows:
-        base = [x for x in out_rows if x["optimizer"] == "adamw_fused" and x["param_dtype"] == r["param_dtype"]
-                and x["status"] == "ok"]
-        r["ratio_to_adamw_fused"] = r["median_ms"] / base[0]["median_ms"] if base and r["status"] == "ok" else None
     result = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
@@ -354,11 +346,21 @@ def main(argv=None) -> dict:
                     vocab=args.vocab, tensors=len(shapes)),
         hyper=dict(lr=LR, weight_decay=args.weight_decay, m=M, density=DENSITY),
         steps=args.steps, min_steps=args.min_steps, row_seconds=args.row_seconds, warmup=args.warmup,
-        elapsed_s=time.perf_counter() - start, rows=out_rows)
+        elapsed_s=0.0, rows=[])
+    for spec in rows:
+        r = time_row(spec, shapes, device, args)
+        result["rows"].append(r)
+        result["elapsed_s"] = time.perf_counter() - start
+        what = f"{r['median_ms']:.2f} ms" if r["status"] == "ok" else r["reason"]
+        print(f"  {spec}: {what} ({result['elapsed_s']:.0f} s)", flush=True)
+        for x in result["rows"]:
+            base = [b for b in result["rows"] if b["optimizer"] == "adamw_fused" and b["status"] == "ok"
+                    and b["param_dtype"] == x["param_dtype"]]
+            x["ratio_to_adamw_fused"] = x["median_ms"] / base[0]["median_ms"] if base and x["status"] == "ok" else None
+        if args.out:  # after every row: a peer that kills the process leaves the rows before it
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
         plot(result, os.path.splitext(args.out)[0] + ".png")
     print(f"\n{result['device']}, {result['params']:,} params, torch {result['torch']}, "
           f"{result['elapsed_s']:.0f} s\n")
