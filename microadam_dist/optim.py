@@ -7,12 +7,14 @@ ops/reference.py (the spec) and csrc/ (the fused kernels), not here.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Iterable
 
 import torch
 
 from .config import MicroAdamConfig, normalize_kwargs
-from .layout import STATE_KEYS, Layout
+from .layout import Layout
+from . import sharded_state
 from .ops import ShardJob, StepHyper, finite_flags, select_backend
 
 RESHARD_HINT = ("to move a checkpoint to another world size or sharding, run "
@@ -98,6 +100,9 @@ class MicroAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        elif not self.state and self._is_state_init_call():
+            self._allocate_states()
+            return None
 
         # (config, [(param, local param, local grad, (group index, param index))]) per group.
         # Written out (no helper calls on the common path): these loops run for every tensor
@@ -125,39 +130,7 @@ class MicroAdam(torch.optim.Optimizer):
         # not fit its param fails the step with nothing changed, in any group (before, an
         # earlier group had already been stepped). States created here (a param's first step)
         # are dropped again if the step fails or is skipped.
-        plan = []
-        fresh: list[torch.Tensor] = []
-        state_of, layouts = self.state, self._layouts
-        try:
-            for config, items in work:
-                by_device: dict[torch.device, list[ShardJob]] = {}
-                blocks = (config.topk_block, config.density, config.quant_block, config.m)
-                for p, p_local, g_local, where in items:
-                    n = p_local.numel()
-                    if n == 0:  # e.g. an FSDP rank that holds no part of this param
-                        continue
-                    state = state_of[p]
-                    key = (n, blocks)
-                    cached = layouts.get(id(p))
-                    if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
-                        layout, memo = cached[2], cached[3]
-                    else:
-                        if not state:
-                            fresh.append(p)
-                        layout, memo = self._check_state(p, p_local, state, key, config, where)
-                    jobs = by_device.get(p_local.device)
-                    if jobs is None:
-                        by_device[p_local.device] = jobs = []
-                    jobs.append(ShardJob(p_local, g_local, state, layout, where, memo))
-                hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
-                               eps=float(config.eps), weight_decay=float(config.weight_decay),
-                               ef_rounding=config.ef_rounding, alpha=float(config.alpha))
-                for device, jobs in by_device.items():
-                    name, run = select_backend(config.backend, device)
-                    plan.append((name, device, run, jobs, hp))
-        except BaseException:
-            self._forget(fresh)
-            raise
+        plan, fresh = self._plan(work)
         # One CUDA device, fused kernels only: launch now; the kernels read the check's flag
         # on the GPU and do nothing if it failed (ops/cuda.py run_cuda). Otherwise the host
         # waits for the check (if any) before running anything.
@@ -180,6 +153,78 @@ class MicroAdam(torch.optim.Optimizer):
             for _, _, run, jobs, hp in plan:
                 run(jobs, hp)  # advances each job's state["step"] and steps it
         return loss
+
+    def _plan(self, work: list) -> tuple[list, list[torch.Tensor]]:
+        """(plan, fresh) for `work` (step()'s list): per param group and device, (backend name,
+        device, runner, [ShardJob], StepHyper), with every state looked up, checked or created;
+        fresh: the params whose state was created here (dropped again if this raises).
+        step() and step_in_backward (backward.py) plan through it."""
+        plan = []
+        fresh: list[torch.Tensor] = []
+        state_of, layouts = self.state, self._layouts
+        try:
+            for config, items in work:
+                by_device: dict[torch.device, list[ShardJob]] = {}
+                blocks = (config.topk_block, config.density, config.quant_block, config.m)
+                for p, p_local, g_local, where in items:
+                    n = p_local.numel()
+                    state = state_of[p]
+                    if n == 0:  # e.g. an FSDP rank that holds no part of this param
+                        if not state and p_local is not p:
+                            # A DTensor param's state exists on every rank of its mesh (its
+                            # checkpoint form is one DTensor: sharded_state.py), empty here.
+                            fresh.append(p)
+                            self._check_state(p, p_local, state, (n, blocks), config, where)
+                        continue
+                    key = (n, blocks)
+                    cached = layouts.get(id(p))
+                    if cached is not None and cached[0] is state.get("layout") and cached[1] == key:
+                        layout, memo = cached[2], cached[3]
+                    else:
+                        if not state:
+                            fresh.append(p)
+                        layout, memo = self._check_state(p, p_local, state, key, config, where)
+                    jobs = by_device.get(p_local.device)
+                    if jobs is None:
+                        by_device[p_local.device] = jobs = []
+                    jobs.append(ShardJob(p_local, g_local, state, layout, where, memo))
+                hp = StepHyper(lr=float(config.lr), beta1=config.betas[0], beta2=config.betas[1],
+                               eps=float(config.eps), weight_decay=float(config.weight_decay),
+                               ef_rounding=config.ef_rounding, alpha=float(config.alpha))
+                for device, jobs in by_device.items():
+                    name, run = select_backend(config.backend, device)
+                    plan.append((name, device, run, jobs, hp))
+        except BaseException:
+            self._forget(fresh)
+            raise
+        return plan, fresh
+
+    def _is_state_init_call(self) -> bool:
+        """Whether this step is torch.distributed.checkpoint's `_init_optim_state`: on an
+        optimizer with no state, every lr 0 and every gradient zero. That call only wants the
+        state to exist (to build a load template); a real step would consume a window row
+        and count a step."""
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
+            return False
+        grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return False
+        grads = [g for g in grads if g.numel()]
+        return not grads or all(bool((n == 0).all()) for n in torch._foreach_norm(grads, float("inf")))
+
+    def _allocate_states(self) -> None:
+        """Create the zero state of every param with a gradient, as its first step would,
+        without stepping: params, window and step counters stay as they are."""
+        for gi, group in enumerate(self.param_groups):
+            config = self._group_config(group, gi)
+            blocks = (config.topk_block, config.density, config.quant_block, config.m)
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None or self.state[p]:
+                    continue
+                p_local = local_tensor(p)
+                if p_local.numel() == 0 and p_local is p:
+                    continue
+                self._check_state(p, p_local, self.state[p], (p_local.numel(), blocks), config, (gi, pi))
 
     def _forget(self, params: list[torch.Tensor]) -> None:
         """Drop the states step() created for these params (a failed or skipped first step)."""
@@ -260,30 +305,49 @@ class MicroAdam(torch.optim.Optimizer):
 
     # -- state dict ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict, with every DTensor (FSDP2) param's state in the
+        checkpoint form of sharded_state.py, so that torch.distributed.checkpoint's stock
+        calls keep every rank's shard. States are ordered by param index on every rank
+        (the full-state gather runs one collective per tensor, in dict order)."""
+        _refuse_fsdp1(self, "save")
         sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = {}
+        for index in sorted(sd["state"]):
+            entry = sd["state"][index]
+            p = params[index]
+            geo = sharded_state.geometry(p)
+            state[index] = entry if geo is None else sharded_state.export_state(
+                entry, geo, local_tensor(p).device)
+        sd["state"] = state
         sd["microadam"] = {"format": 1, "nonfinite_skips": self.nonfinite_skips}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load after validating every entry; a rejected state leaves the optimizer untouched.
 
-        The stock loader casts floating state to the param dtype; MicroAdam's state has
-        fixed dtypes (fp32 EF range, bf16 window), so the saved tensors are restored as saved.
+        Takes both forms that `state_dict` writes (sharded_state.py), and the plain form
+        for a DTensor param too (rank-keyed checkpoints). The stock loader would cast every
+        floating state to the param's dtype; MicroAdam's state has fixed dtypes (uint8 codes,
+        fp32 ranges, int16 indices, bf16 values), so each tensor is restored as saved.
         """
+        _refuse_fsdp1(self, "load")
         pairs = self._check_loadable(state_dict)
-        saved = state_dict["state"]
         extra = state_dict.get("microadam", {})
-        super().load_state_dict(state_dict)
-        for key, p in pairs:
-            if key in saved:
-                device = local_tensor(p).device
-                self.state[p] = {k: _place(k, v, device) for k, v in saved[key].items()}
-        # Every state was replaced: drop the cached checks and the backend memos with them,
+        # The param groups through torch (hyper-parameters, hooks); the states below.
+        super().load_state_dict({**state_dict, "state": {}})
+        # Every state is replaced: drop the cached checks and the backend memos with them,
         # which would otherwise keep the old state tensors (device memory) alive.
         self._layouts.clear()
+        for key, p, expected, name in pairs:
+            self.state[p] = sharded_state.import_state(state_dict["state"][key], p, expected, name,
+                                                       RESHARD_HINT)
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
 
-    def _check_loadable(self, state_dict: dict[str, Any]) -> list[tuple[Any, torch.Tensor]]:
+    def _check_loadable(self, state_dict: dict[str, Any]) -> list[tuple[Any, torch.Tensor, Layout, str]]:
+        """(key, param, layout this run needs, name) of every saved state, after checking the
+        groups and every state (sharded_state.import_state with nothing kept: a refused
+        state dict fails here, before anything changed)."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -299,38 +363,46 @@ class MicroAdam(torch.optim.Optimizer):
             merged.update({k: v for k, v in sg.items() if k != "params"})
             config = self._group_config(merged, gi)
             for pi, (key, p) in enumerate(zip(sg["params"], g["params"])):
-                pairs.append((key, p))
                 st = state_dict["state"].get(key)
                 if st is None:
                     continue
                 name = self._name((gi, pi))
-                _check_entry(st, Layout.for_numel(local_tensor(p).numel(), config), name)
+                expected = Layout.for_numel(local_tensor(p).numel(), config)
+                sharded_state.check_state(st, p, expected, name, RESHARD_HINT)
+                pairs.append((key, p, expected, name))
         return pairs
 
 
-def _check_entry(st: dict, expected: Layout, name: str) -> None:
-    missing = [k for k in STATE_KEYS if k not in st]
-    if missing:
-        raise ValueError(f"MicroAdam state of {name} lacks {missing}; not a MicroAdam state "
-                         f"(layout version {expected.version}) or a truncated one")
-    have = Layout.from_tensor(st["layout"])
-    if have != expected:
-        raise ValueError(f"MicroAdam state of {name} was saved with layout [{have.describe()}] "
-                         f"but this run needs [{expected.describe()}]; {RESHARD_HINT}")
-    for k, (dtype, shape) in expected.expected_specs().items():
-        t = st[k]
-        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
-            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"MicroAdam state {k!r} of {name} is {got}, expected {dtype} {shape}: "
-                             "corrupt checkpoint")
+def _called_by_torch_fsdp1_state_dict() -> bool:
+    """Whether torch's FSDP1 optimizer-state machinery (FSDP.optim_state_dict and friends,
+    or torch.distributed.checkpoint.state_dict, which routes FSDP1 models through them) is
+    on the call stack."""
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("torch.distributed.fsdp") or module == "torch.distributed.checkpoint.state_dict":
+            return True
+        frame = frame.f_back
+    return False
 
 
-def _place(key: str, value: Any, device: torch.device) -> Any:
-    if not isinstance(value, torch.Tensor):
-        return value
-    if key in ("step", "layout"):
-        return value.detach().to("cpu", copy=True)
-    return value.detach().to(device, copy=True)
+def _refuse_fsdp1(optimizer: "MicroAdam", what: str) -> None:
+    """FSDP1 (FullyShardedDataParallel) flattens and all-gathers optimizer state as if each
+    tensor were shaped like its param; MicroAdam's is not, so its stock optimizer state
+    dict would fail obscurely or carry garbage. Refuse it by name."""
+    if not any(getattr(p, "_fsdp_flattened", False) for g in optimizer.param_groups for p in g["params"]):
+        return
+    if not _called_by_torch_fsdp1_state_dict():
+        return
+    raise RuntimeError(
+        f"MicroAdam's state cannot {what} through FSDP1's optimizer state dict "
+        "(FullyShardedDataParallel.optim_state_dict / optim_state_dict_to_load, or "
+        "torch.distributed.checkpoint.state_dict on an FSDP1 model): FSDP1 reshapes every state "
+        "tensor like its param. Under FSDP1 use microadam_dist.integrations.fsdp.save_checkpoint "
+        "/ load_checkpoint (every rank's own state, DCP); or shard with FSDP2 (fully_shard), whose "
+        "stock checkpoint calls carry MicroAdam's state (docs/checkpoints.md)")
 
 
 __all__ = ["MicroAdam", "local_tensor", "RESHARD_HINT"]
