@@ -49,7 +49,7 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 @dataclass(frozen=True)
 class Peer:
     name: str
-    dist: str                                   # distribution whose version the JSON records
+    dist: str                                   # distribution whose version its rows record
     load: Callable[[], Callable]                # imports; returns build(params, weight_decay)
     dtypes: tuple[str, ...] = ("bf16", "fp32")
     devices: tuple[str, ...] = ("cuda",)
@@ -122,6 +122,7 @@ PEERS = [
     Peer("bnb_paged_adamw8bit", "bitsandbytes", _bitsandbytes("PagedAdamW8bit")),
 ]
 BY_NAME = {p.name: p for p in PEERS}
+# One fp32 row of the authors' says that their kernels take bf16 alone.
 DEFAULT_ROWS = [f"{d}:{p.name}" for d in DTYPES for p in PEERS
                 if d in p.dtypes or p.name == "authors_microadam_q100000"]
 
@@ -209,7 +210,7 @@ def _free(device: torch.device) -> None:
 def time_row(spec: str, shapes, device: torch.device, args) -> dict:
     dname, name = spec.split(":")
     peer = BY_NAME[name]
-    row = dict(optimizer=name, param_dtype=dname, status="failed", reason=None)
+    row = dict(optimizer=name, param_dtype=dname, version=_version(peer.dist), status="failed", reason=None)
     if dname not in peer.dtypes:
         return dict(row, status="unsupported", reason=f"takes {'/'.join(peer.dtypes)} params only")
     try:
@@ -246,15 +247,11 @@ def time_row(spec: str, shapes, device: torch.device, args) -> dict:
     return row
 
 
-def versions() -> dict[str, str | None]:
-    out = {}
-    for dist in ("torch", "deepspeed", "bitsandbytes", "torchao", "ista-daslab-optimizers",
-                 "ista-daslab-optimizers-cuda", "microadam_dist"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _fmt(v, spec: str) -> str:
@@ -341,7 +338,7 @@ def main(argv=None) -> dict:
     result = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-        versions=versions(), params=sum(torch.Size(s).numel() for s in shapes),
+        versions={p.dist: _version(p.dist) for p in PEERS}, params=sum(torch.Size(s).numel() for s in shapes),
         shapes=dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
                     vocab=args.vocab, tensors=len(shapes)),
         hyper=dict(lr=LR, weight_decay=args.weight_decay, m=M, density=DENSITY),

@@ -81,6 +81,7 @@ def test_tiny_cpu_run_measures_what_runs_and_gives_reasons(tmp_path, monkeypatch
     assert got["bf16", "adamw_foreach"]["state_bytes"] == 2 * 2 * n + 4 * t
     assert got["fp32", "microadam_q4096"]["state_bytes"] == microadam_dist.state_bytes(
         numels, m=10, density=0.01, quant_block=4096)
+    assert fused["version"] == res["versions"]["torch"] == torch.__version__
     assert fused["ratio_to_adamw_fused"] == 1.0
     assert foreach["ratio_to_adamw_fused"] == pytest.approx(foreach["median_ms"] / fused["median_ms"])
     assert got["bf16", "adamw_foreach"]["ratio_to_adamw_fused"] is None   # no bf16 fused row ran
