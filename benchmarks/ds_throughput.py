@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 throughput and memory: MicroAdam vs AdamW, from the JSON config.
 
     torchrun --standalone --nproc_per_node 2 benchmarks/ds_throughput.py \\
-        --out benchmarks/results/ds_throughput_2xH200.json        # ~1 B Llama, bf16, 50 steps
+        --out benchmarks/results/throughput/ds_2xH200.json        # ~1 B Llama, bf16, 50 steps
     torchrun --standalone --nproc_per_node 2 benchmarks/ds_throughput.py --tiny --out /tmp/t.json  # CPU, gloo
 
 A randomly initialised Llama-architecture model (default: hidden 2048, 18 layers,

@@ -7,7 +7,7 @@ those elements, the units of 8 and the warps of 32 units that would take it: wit
 bf16 gradient every step (as benchmarks/step_bench.py feeds) and with a fresh one each step (as
 training does).
 
-    python benchmarks/ef_ties.py --out benchmarks/results/ef_ties_cpu.json
+    python benchmarks/ef_ties.py --out ef_ties.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """FSDP2 fine-tuning throughput and memory: MicroAdam vs torch AdamW (fused on CUDA).
 
     torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_throughput.py \\
-        --out benchmarks/results/fsdp_throughput_2xH200.json       # ~1 B Llama, bf16, 50 steps
+        --out benchmarks/results/throughput/fsdp_2xH200.json       # ~1 B Llama, bf16, 50 steps
     torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_throughput.py --tiny --out /tmp/t.json  # CPU
 
 A randomly initialised Llama-architecture model (default: hidden 2048, 18 layers,

@@ -6,7 +6,7 @@ params and gradients, takes warm-up steps (state allocated, kernels built), then
 times `opt.step()` with CUDA events and reports the median. Ratios are to torch fused
 AdamW of the same param dtype measured in the same run.
 
-    python benchmarks/step_bench.py --out benchmarks/results/step_bench_h100.json
+    python benchmarks/step_bench.py --out benchmarks/results/step_bench/h100.json
 
 Columns: median step ms; GPU ms (the step's kernels, torch.profiler, one more step);
 host ms (until step() returns, started on an idle GPU; MicroAdam's first launch goes out

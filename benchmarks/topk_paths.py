@@ -15,7 +15,7 @@ gradient (a model of the CUDA code, in PyTorch):
   magnitude in the block's window row of the previous step (last step's k-th largest),
   rungs at 0.7x and 0.35x.
 
-    python benchmarks/topk_paths.py --size small --steps 200 --out benchmarks/results/topk_paths_cpu.json
+    python benchmarks/topk_paths.py --size small --steps 200 --out topk_paths.json
 """
 
 from __future__ import annotations
