@@ -7,6 +7,7 @@ ops/reference.py (the spec) and csrc/ (the fused kernels), not here.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, Callable, Iterable
 
@@ -48,6 +49,14 @@ class MicroAdam(torch.optim.Optimizer):
         nonfinite: "skip" (leave params and state untouched for a step with a
             non-finite gradient and count it), "raise", or "off".
         backend: "auto", "reference" or "cuda".
+        step_in_backward: step each param inside ``loss.backward()`` once its gradient is
+            complete and release the gradient there (no buffer of every gradient);
+            ``step()`` then completes the step. Non-finite gradients are skipped per tensor.
+            See backward.py and docs/configuration.md for what cannot combine with it.
+        backward_bucket_mb: with step_in_backward, megabytes of gradients stepped together
+            (one group of kernel launches).
+        max_grad_norm_per_tensor: with step_in_backward, clip each gradient to this L2 norm
+            before its step (global-norm clipping cannot run inside backward).
 
     Params and grads may be float32, bfloat16 or float16 and of any shape; each
     tensor is treated as one flat shard. Sparse and complex gradients are rejected.
@@ -58,7 +67,8 @@ class MicroAdam(torch.optim.Optimizer):
                  weight_decay: float = 0.0, m: int = 10, density: float | None = None,
                  topk_block: int = 4096, quant_block: int | None = None,
                  ef_rounding: str = "nearest", nonfinite: str = "skip", backend: str = "auto",
-                 **aliases: Any) -> None:
+                 step_in_backward: bool = False, backward_bucket_mb: float = 256.0,
+                 max_grad_norm_per_tensor: float | None = None, **aliases: Any) -> None:
         given = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m,
                      topk_block=topk_block, ef_rounding=ef_rounding, nonfinite=nonfinite,
                      backend=backend)
@@ -76,7 +86,14 @@ class MicroAdam(torch.optim.Optimizer):
         # meets another state, whose layout tensor is not the one held here, so the check
         # runs again (with a fresh memo).
         self._layouts: dict[int, tuple] = {}
+        from . import backward  # imports this module
+        backward.validate(step_in_backward, backward_bucket_mb, max_grad_norm_per_tensor)
+        self._backward = None
         super().__init__(params, config.as_dict())
+        if step_in_backward:
+            self._backward = backward.StepInBackward(self, backward_bucket_mb, max_grad_norm_per_tensor)
+            # GradScaler.step then announces itself to step(), which refuses it (backward.py).
+            self._step_supports_amp_scaling = True
 
     # -- param groups ---------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -85,6 +102,8 @@ class MicroAdam(torch.optim.Optimizer):
         group.update(normalize_kwargs(hyper))
         super().add_param_group(group)
         self._group_config(self.param_groups[-1], len(self.param_groups) - 1)
+        if getattr(self, "_backward", None) is not None:
+            self._backward.refresh()
 
     def _group_config(self, group: dict[str, Any], index: int) -> MicroAdamConfig:
         try:
@@ -95,7 +114,12 @@ class MicroAdam(torch.optim.Optimizer):
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step over every param with a gradient. Returns the closure's loss."""
+        """One optimizer step over every param with a gradient. Returns the closure's loss.
+
+        With step_in_backward: completes the step taken inside backward (waits for it, counts
+        and raises for non-finite tensors) and steps the params whose gradient is still set."""
+        if self._backward is not None:
+            self._backward.before_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -302,6 +326,20 @@ class MicroAdam(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_layouts", {})
         self.__dict__.setdefault("nonfinite_skips", 0)
+        self.__dict__.setdefault("_backward", None)
+
+    # -- step_in_backward ---------------------------------------------------------------
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        """Context in which backward() accumulates gradients without stepping (step_in_backward);
+        the next backward outside it steps with the summed gradients. Does nothing in the
+        ordinary mode, where gradients accumulate until step() anyway."""
+        return self._backward.accumulate() if self._backward is not None else contextlib.nullcontext()
+
+    def train(self) -> None:
+        """Called by HF Trainer (through Accelerate) before each training step; with
+        step_in_backward it refuses the Trainer options that cannot combine with it."""
+        if self._backward is not None:
+            self._backward.check_trainer()
 
     # -- state dict ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -310,6 +348,8 @@ class MicroAdam(torch.optim.Optimizer):
         calls keep every rank's shard. States are ordered by param index on every rank
         (the full-state gather runs one collective per tensor, in dict order)."""
         _refuse_fsdp1(self, "save")
+        if self._backward is not None:
+            self._backward.settle()  # step counters of a step taken inside backward
         sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         state = {}
@@ -332,6 +372,8 @@ class MicroAdam(torch.optim.Optimizer):
         fp32 ranges, int16 indices, bf16 values), so each tensor is restored as saved.
         """
         _refuse_fsdp1(self, "load")
+        if self._backward is not None:
+            self._backward.settle()
         pairs = self._check_loadable(state_dict)
         extra = state_dict.get("microadam", {})
         # The param groups through torch (hyper-parameters, hooks); the states below.
