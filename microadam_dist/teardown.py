@@ -20,7 +20,8 @@ during finalization calls `pthread_exit`; the forced unwind crosses the noexcept
     -> TensorImpl::decref_pyobject -> gil_scoped_acquire -> take_gil
     -> PyThread_exit_thread -> pthread_exit -> std::terminate  (main thread: Py_FinalizeEx)
 
-(pytorch/pytorch#179291 describes the same finalization crash for gloo's threads.)
+(https://github.com/pytorch/pytorch/issues/179291 describes the same finalization crash for
+gloo's threads.)
 Leaving with `os._exit` after everything has been flushed removes the window; it is
 only reached after the work and the final barrier succeeded, so it hides no failure.
 """

@@ -1,6 +1,7 @@
 """Move the MicroAdam state of one logical flat tensor between shardings (pure functions).
 
-Blocks tile each rank's shard (DESIGN.md), so a new sharding has new top-k and quant
+Top-k and quant blocks tile each rank's own shard (docs/algorithm.md: no block spans two
+ranks, so a step needs no communication), so a new sharding has new top-k and quant
 blocks and the state must be re-materialized, not copied:
 
 1. `materialize`: dequantize every source EF to its global positions and list every
