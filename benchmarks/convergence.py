@@ -2,21 +2,26 @@
 
     python benchmarks/convergence.py --tiny                       # CPU smoke run, < 1 minute
     python benchmarks/convergence.py                              # one H100: 125M Llama, ~6 minutes
+    python benchmarks/convergence_campaign.py                     # the regime table (see there)
 
 1. Pre-train a Llama-architecture model (byte vocabulary, `--size`) with AdamW on
    corpus A (`--pretrain-corpus`, default the Python standard library's sources).
 2. From that checkpoint, fine-tune on a different corpus B (`--finetune-corpus`,
    default PyTorch's C++ headers) for `--finetune-steps` steps with each optimizer of
    `--optimizers` (default AdamW; MicroAdam m=10, density 1%; the same with stochastic
-   EF rounding; variants as `microadam/density=0.02/m=20` or `adamw/lr=1e-4`): same
-   initial weights, same batches, same LR schedule and clipping.
+   EF rounding; `ista`, the authors' MicroAdam, bf16 weights only; variants as
+   `microadam/density=0.02/m=20/alpha=0.1` or `adamw/lr=1e-4`): same initial weights,
+   same batches, same LR schedule and clipping.
 3. Report each run's held-out loss on corpus B (files never trained on), its curve,
    and its optimizer state in bytes per parameter, measured from the state tensors.
 
 Writes OUT/convergence_TAG.json (after every run, so a cut-off run keeps what it
-finished) and OUT/convergence_TAG.png. On CUDA: bf16 autocast, fp32 weights, TF32,
-no torch.compile; MicroAdam's backend is "auto" (the fused kernels when
-`python -m microadam_dist.env` says they load, else the PyTorch reference).
+finished) and OUT/convergence_TAG.png. `--weights fp32` (default): fp32 weights, with bf16
+autocast on CUDA; `--weights bf16`: the weights themselves are bf16 (no master copy). On
+CUDA: TF32, no torch.compile; MicroAdam's backend is "auto" (the fused kernels when
+`python -m microadam_dist.env` says they load, else the PyTorch reference). A row that
+cannot run here (`ista` without CUDA, the package or bf16 weights) is kept as a row that
+says why.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ import os
 import sys
 import time
 import warnings
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]  # runs from a plain checkout, not installed
+import authors_microadam  # noqa: E402
 import common  # noqa: E402
 from microadam_dist import MicroAdam  # noqa: E402
 from microadam_dist.ops import select_backend  # noqa: E402
@@ -43,10 +50,13 @@ OPTIMIZERS = {
     "adamw": dict(),
     "microadam": dict(m=10, density=0.01, ef_rounding="nearest"),
     "microadam_sr": dict(m=10, density=0.01, ef_rounding="stochastic"),
+    "ista": dict(m=10, density=0.01, quant_block=4096),  # the authors' package: bf16 weights only
 }
 # Overrides allowed after a name, "/"-separated: microadam/density=0.02/m=20, adamw/lr=1e-4.
 VARIANT_KEYS = {"lr": float, "m": int, "density": float, "ef_rounding": str, "quant_block": int,
-                "topk_block": int}
+                "topk_block": int, "alpha": float}
+# The keys each optimizer takes (the authors' chooses its own top-k block and rounds to nearest).
+ALLOWED_KEYS = {"adamw": ("lr",), "ista": ("lr", "m", "density", "quant_block", "alpha")}
 TINY = dict(size="tiny", pretrain_steps=40, finetune_steps=40, batch=4, seq_len=64, eval_every=10,
             eval_windows=8, max_tokens=400_000, tag="tiny")
 
@@ -72,9 +82,14 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--backend", default="auto", choices=("auto", "reference", "cuda"))
+    ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16"),
+                    help="fine-tuning weights: fp32 (bf16 autocast on CUDA) or pure bf16 (the start rounded "
+                         "to bf16); pre-training always uses fp32 weights")
+    ap.add_argument("--ista-src", default=None,
+                    help="folder of the unpacked authors' wheel and CUDA sdist (benchmarks/authors_microadam.py)")
     ap.add_argument("--pretrained", default=None, help="load this pre-trained state_dict instead of pre-training")
     ap.add_argument("--save-pretrained", default=None, help="save the pre-trained state_dict here")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "convergence"))
     ap.add_argument("--tag", default=None, help="file names: convergence_TAG.json/png (default: the size)")
     ap.add_argument("--seed", type=int, default=0, help="model initialisation and pre-training batches")
     ap.add_argument("--finetune-seed", type=int, default=None,
@@ -102,7 +117,7 @@ def parse_args(argv=None):
 
 def optimizer_spec(name: str) -> dict:
     """The label and hyper-parameters of one --optimizers entry: a name of OPTIMIZERS, then
-    optional "/key=value" overrides (VARIANT_KEYS; only lr for adamw)."""
+    optional "/key=value" overrides (VARIANT_KEYS; ALLOWED_KEYS for adamw and ista)."""
     base, *mods = name.split("/")
     if base not in OPTIMIZERS:
         raise ValueError(f"unknown {base!r}; expected a comma list of {', '.join(OPTIMIZERS)}, "
@@ -110,8 +125,9 @@ def optimizer_spec(name: str) -> dict:
     spec = dict(OPTIMIZERS[base])
     for mod in mods:
         key, eq, value = mod.partition("=")
-        if not eq or key not in VARIANT_KEYS or (base == "adamw" and key != "lr"):
-            allowed = "lr" if base == "adamw" else ", ".join(VARIANT_KEYS)
+        allowed = ALLOWED_KEYS.get(base, tuple(VARIANT_KEYS))
+        if not eq or key not in allowed:
+            allowed = ", ".join(allowed)
             raise ValueError(f"{name!r}: override {mod!r} is not key=value with key one of {allowed}")
         try:
             spec[key] = VARIANT_KEYS[key](value)
@@ -120,9 +136,11 @@ def optimizer_spec(name: str) -> dict:
     if base == "adamw":
         label = "AdamW"
     else:
-        label = f"MicroAdam (m={spec['m']}, {100 * spec['density']:g}%"
-        label += ", stochastic EF)" if spec["ef_rounding"] == "stochastic" else ")"
-        label += "".join(f", {k} {spec[k]}" for k in ("quant_block", "topk_block") if k in spec)
+        name = "authors' MicroAdam" if base == "ista" else "MicroAdam"
+        label = f"{name} (m={spec['m']}, {100 * spec['density']:g}%"
+        label += ", stochastic EF)" if spec.get("ef_rounding") == "stochastic" else ")"
+        label += "".join(f", {k} {spec[k]}" for k in ("quant_block", "topk_block", "alpha")
+                         if k in spec and (k, spec[k]) != ("quant_block", 4096))
     spec["label"] = label + (f", LR {spec['lr']:g}" if "lr" in spec else "")
     return spec
 
@@ -164,8 +182,15 @@ class Runner:
             torch.backends.cuda.enable_mem_efficient_sdp(not on)
             torch.backends.cuda.enable_cudnn_sdp(not on)
 
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+    def autocast(self, model):
+        """bf16 autocast for fp32 weights on CUDA; bf16 weights compute in bf16 as they are."""
+        on = self.cuda and next(model.parameters()).dtype == torch.float32
+        return torch.autocast("cuda" if self.cuda else "cpu", dtype=torch.bfloat16, enabled=on)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (--weights)."""
+        return torch.bfloat16 if self.args.weights == "bf16" else torch.float32
 
     @torch.no_grad()
     def evaluate(self, model, phase: str) -> float:
@@ -174,26 +199,33 @@ class Runner:
         total = 0.0
         for i in range(0, windows.shape[0], self.args.batch):
             x = windows[i:i + self.args.batch].to(self.device)
-            with self.autocast():
+            with self.autocast(model):
                 total += float(model(input_ids=x, labels=x).loss) * x.shape[0]
         model.train()
         return total / windows.shape[0]
 
-    def train(self, model, opt, phase: str, steps: int, desc: str) -> dict:
-        """Warm-up + cosine schedule, clipping, eval every --eval-every steps; returns the curve."""
+    def train(self, model, opt, phase: str, steps: int, desc: str, first: int = 1,
+              lr_at: Callable[[int], float] | None = None) -> dict:
+        """Steps first .. first+steps-1 with clipping, eval every --eval-every steps; returns the curve.
+
+        The LR is the optimizer's times lr_at(step), by default a warm-up + cosine schedule
+        over these steps; batches depend on the phase and the step only.
+        """
         a = self.args
         tokens = self.data[phase][0]
-        base = [g["lr"] for g in opt.param_groups]
+        # The LR the optimizer was built with (a second call, continuing a run, finds it here).
+        base = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
         warmup = max(1, int(a.warmup_frac * steps))
+        lr_at = lr_at or (lambda step: common.lr_factor(step, warmup, steps))
         rows, t0 = [], time.perf_counter()
-        bar = tqdm(range(1, steps + 1), desc=desc, disable=a.no_progress, dynamic_ncols=True, mininterval=2)
+        bar = tqdm(range(first, first + steps), desc=desc, disable=a.no_progress, dynamic_ncols=True, mininterval=2)
         # Seeded by the phase and step only: every optimizer sees the same batches.
         seed = a.seed if phase == "pretrain" else (a.seed if a.finetune_seed is None else a.finetune_seed) + 1
         for step in bar:
             for g, lr in zip(opt.param_groups, base):
-                g["lr"] = lr * common.lr_factor(step, warmup, steps)
+                g["lr"] = lr * lr_at(step)
             x = common.batch_at(tokens, step, seed, a.batch, a.seq_len).to(self.device, non_blocking=True)
-            with self.autocast():
+            with self.autocast(model):
                 loss = model(input_ids=x, labels=x).loss
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip) if a.clip > 0 else None
@@ -204,7 +236,7 @@ class Runner:
             if norm is not None:
                 row["grad_norm"] = norm.detach()
             rows.append(row)
-            if step % a.eval_every == 0 or step == steps:
+            if step % a.eval_every == 0 or step == first + steps - 1:
                 for r in rows[-a.eval_every:]:
                     r.update({k: float(r[k]) for k in ("loss", "grad_norm") if torch.is_tensor(r.get(k))})
                 row["eval_loss"] = self.evaluate(model, phase)
@@ -216,14 +248,20 @@ class Runner:
                 "seconds_per_step": seconds / steps}
 
 
-def make_optimizer(name: str, model, lr: float, backend: str, spec: dict | None = None):
+def make_optimizer(name: str, model, lr: float, backend: str, spec: dict | None = None, ista_src: str | None = None):
     """The optimizer of an --optimizers entry (spec: its optimizer_spec, if already parsed);
-    its "/lr=" override wins over lr."""
+    its "/lr=" override wins over lr. `ista` raises authors_microadam.Unavailable where it
+    cannot run (it takes bf16 CUDA params only)."""
     groups = common.decay_groups(model, 0.0)
     hyper = {k: v for k, v in (spec or optimizer_spec(name)).items() if k != "label"}
     lr = hyper.pop("lr", lr)
     if is_adamw(name):
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=torch.cuda.is_available() or None)
+    if name.split("/")[0] == "ista":
+        p = next(model.parameters())
+        if p.dtype != torch.bfloat16 or not p.is_cuda:
+            raise authors_microadam.Unavailable(f"its kernels take bf16 CUDA params, these are {p.dtype} on {p.device}")
+        return authors_microadam.make(authors_microadam.load(ista_src), groups, lr=lr, **hyper)
     return MicroAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, backend=backend, **hyper)
 
 
@@ -241,7 +279,7 @@ def write_results(args, results: dict) -> tuple[str, str]:
     path = os.path.join(args.out, f"convergence_{args.tag}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    runs = {r["label"]: r["curve"] for r in results["finetune"].values()}
+    runs = {r["label"]: r["curve"] for r in results["finetune"].values() if "curve" in r}
     if not runs:  # pre-training only
         return path, None
     png = common.plot_runs(runs, os.path.join(args.out, f"convergence_{args.tag}.png"),
@@ -255,9 +293,34 @@ def summarize(results: dict) -> None:
     base = adamw_baseline(runs)
     print(f"\n{'optimizer':<38} {'final eval loss':>15} {'vs AdamW':>9} {'state B/param':>14} {'s/step':>7}")
     for r in runs.values():
+        if "skipped" in r:
+            print(f"{r['label']:<38} skipped: {r['skipped']}")
+            continue
         rel = f"{100 * (r['final_eval_loss'] / base['final_eval_loss'] - 1):+.2f}%" if base else "-"
         print(f"{r['label']:<38} {r['final_eval_loss']:>15.4f} {rel:>9} {r['state_bytes_per_param']:>14.3f} "
               f"{r['seconds_per_step']:>7.3f}")
+
+
+def finetune(runner: Runner, model, start: dict, name: str, steps: int, lr: float | None = None) -> dict:
+    """One fine-tuning row from `start` (weights in runner.dtype): its curve, final held-out
+    loss and state bytes, or {"label", "skipped": why} where the optimizer cannot run here."""
+    a = runner.args
+    spec = optimizer_spec(name)
+    model.to(runner.dtype)
+    model.load_state_dict(start)
+    try:
+        opt = make_optimizer(name, model, a.lr if lr is None else lr, a.backend, spec, a.ista_src)
+    except authors_microadam.Unavailable as exc:
+        print(f"{spec['label']}: skipped ({exc})", flush=True)
+        return {"label": spec["label"], "skipped": str(exc)}
+    run = runner.train(model, opt, "finetune", steps, spec["label"])
+    n_params = sum(p.numel() for p in model.parameters())
+    run.update(label=spec["label"], weights=a.weights, state_bytes=common.optimizer_state_bytes(opt),
+               nonfinite_skips=getattr(opt, "nonfinite_skips", 0))
+    run["state_bytes_per_param"] = run["state_bytes"] / n_params
+    if name.split("/")[0] == "ista":
+        run["authors_topk_block"] = max(int(st["d_block_size"]) for st in opt.state.values())
+    return run
 
 
 def main(argv=None) -> dict:
@@ -306,17 +369,7 @@ def experiment(args, caught: list) -> dict:
         return write_results(args, results)
 
     for name in args.optimizers.split(",") if args.finetune_steps > 0 else ():
-        model.load_state_dict(start)
-        spec = optimizer_spec(name)
-        opt = make_optimizer(name, model, args.lr, args.backend, spec)
-        label = spec["label"]
-        run = runner.train(model, opt, "finetune", args.finetune_steps, label)
-        run["label"] = label
-        run["state_bytes"] = common.optimizer_state_bytes(opt)
-        run["state_bytes_per_param"] = run["state_bytes"] / n_params
-        run["nonfinite_skips"] = getattr(opt, "nonfinite_skips", 0)
-        results["finetune"][name] = run
-        del opt
+        results["finetune"][name] = finetune(runner, model, start, name, args.finetune_steps)
         if runner.cuda:
             results.setdefault("peak_gpu_memory_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.empty_cache()
@@ -326,6 +379,8 @@ def experiment(args, caught: list) -> dict:
     base = adamw_baseline(results["finetune"])
     if base:
         for name, r in results["finetune"].items():
+            if "skipped" in r:
+                continue
             r["eval_loss_vs_adamw"] = r["final_eval_loss"] / base["final_eval_loss"]
             r["within_2pct_of_adamw"] = bool(r["eval_loss_vs_adamw"] <= 1.02)
     path, png = save()

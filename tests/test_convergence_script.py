@@ -1,4 +1,5 @@
-"""benchmarks/convergence.py on the CPU: its --optimizers variants and a --tiny run.
+"""benchmarks/convergence.py and convergence_campaign.py on the CPU: optimizer entries, the
+campaign's LR and plateau arithmetic, and --tiny runs.
 
 The GPU experiment (docs/convergence.md) is this script at full size; here it must parse
 its optimizer entries, refuse bad ones by name, and write rows whose state sizes follow
@@ -17,6 +18,7 @@ from test_launch import ROOT, env, run
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import convergence  # noqa: E402
+import convergence_campaign as campaign  # noqa: E402
 
 
 def test_optimizer_entries_and_labels():
@@ -70,3 +72,82 @@ def test_weights_checksum_sees_one_ulp():
     j = int(torch.randint(0, 11, (1,), generator=g))
     same["b.bias"][j] = torch.nextafter(same["b.bias"][j], torch.tensor(math.inf))
     assert convergence.weights_checksum(state) != convergence.weights_checksum(same)
+
+
+# -- the campaign (benchmarks/convergence_campaign.py) -------------------------------------
+
+
+def _row(loss):
+    return {"final_eval_loss": loss}
+
+
+def test_campaign_best_lr_and_the_next_lr_beyond_an_edge():
+    rows = {5e-4: _row(1.3), 1e-3: _row(1.2), 2e-3: _row(1.25)}
+    assert campaign.best_lr(rows) == 1e-3 and campaign.beyond_edge(rows) is None
+    rows[2e-3] = _row(1.1)
+    assert campaign.best_lr(rows) == 2e-3 and campaign.beyond_edge(rows) == 4e-3
+    rows = {5e-4: _row(1.0), 1e-3: _row(1.2), 2e-3: {"label": "x", "skipped": "deadline"}}
+    assert campaign.best_lr(rows) == 5e-4 and campaign.beyond_edge(rows) == 2.5e-4
+    assert campaign.best_lr({1e-3: {"skipped": "deadline"}}) is None
+    assert campaign.beyond_edge({1e-3: _row(float("nan")), 2e-3: _row(1.0)}) == 4e-3  # NaN never wins
+
+
+def test_campaign_last_fifth_gain_reads_the_eval_at_80_percent():
+    curve = [{"step": s, "loss": 9.0} for s in range(1, 101)]
+    for s, loss in ((50, 2.0), (80, 1.5), (90, 1.49), (100, 1.47)):
+        curve[s - 1]["eval_loss"] = loss
+    assert campaign.last_fifth_gain(curve) == pytest.approx((1.5 - 1.47) / 1.5)
+    curve[79].pop("eval_loss")  # the last evaluation at or before step 80 is now step 50's
+    assert campaign.last_fifth_gain(curve) == pytest.approx((2.0 - 1.47) / 2.0)
+    assert campaign.last_fifth_gain(curve[:60]) is None  # one evaluation only
+
+
+def test_authors_row_says_why_it_cannot_run_here():
+    import torch
+    import authors_microadam
+    spec = convergence.optimizer_spec("ista/lr=1e-3/quant_block=64")
+    assert spec["label"] == "authors' MicroAdam (m=10, 1%), quant_block 64, LR 0.001"
+    with pytest.raises(ValueError, match="key one of lr, m, density, quant_block, alpha"):
+        convergence.optimizer_spec("ista/ef_rounding=stochastic")
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(authors_microadam.Unavailable, match="bf16 CUDA params"):
+        convergence.make_optimizer("ista", model, 1e-3, "reference")
+    if not torch.cuda.is_available():
+        with pytest.raises(authors_microadam.Unavailable, match="CUDA device"):
+            authors_microadam.load()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tiny_campaign_writes_the_regime_table(tmp_path):
+    """The whole plan in miniature on the CPU: every run finished or says why not (the
+    authors' kernels need CUDA), the tables follow the rows, and a deadline skips runs."""
+    small = ["--tiny", "--no-progress", "--backend", "reference", "--pretrain-steps", "16", "--pretrain-cap", "24",
+             "--finetune-steps", "8"]
+    run([sys.executable, os.path.join(ROOT, "benchmarks", "convergence_campaign.py"), *small, "--out", str(tmp_path)],
+        timeout=280, env=env())
+    res = json.loads((tmp_path / "campaign.json").read_text())
+    runs = res["runs"]
+    for key, r in runs.items():
+        if r["name"] == "ista":
+            assert "CUDA" in r["skipped"], key
+        else:
+            assert math.isfinite(r["final_eval_loss"]), key
+    t = res["tables"]
+    assert [(g["weights"], g["start"]) for g in t["regimes"]] == list(campaign.REGIMES)
+    for g in t["regimes"]:
+        assert g["adamw"] == min(r["final_eval_loss"] for r in runs.values()
+                                 if (r["weights"], r["start"], r["name"]) == (g["weights"], g["start"], "adamw"))
+        assert g["gap_microadam"] == pytest.approx(g["microadam"] / g["adamw"] - 1)
+        assert g["bytes_per_param"]["adamw"] == pytest.approx(8.0 if g["weights"] == "fp32" else 4.0, rel=1e-3)
+        assert 0.85 < g["bytes_per_param"]["microadam"] < 1.0
+    assert {d["name"] for d in t["dial"]} >= set(campaign.DIAL)
+    assert [a["name"] for a in t["alpha"]] == ["microadam/alpha=0.1"] * 2
+    assert res["starts"]["well"]["steps"] >= 16 and "last_fifth_gain" in res["starts"]["well"]
+    assert (tmp_path / "campaign_regimes.png").stat().st_size > 10_000
+    assert "| fp32 | weak:" in (tmp_path / "campaign.md").read_text()
+    late = tmp_path / "late"
+    run([sys.executable, os.path.join(ROOT, "benchmarks", "convergence_campaign.py"), *small,
+         "--deadline-s", "1", "--out", str(late)], timeout=280, env=env())
+    rows = json.loads((late / "campaign.json").read_text())["runs"].values()
+    assert rows and all(r.get("skipped") == "deadline" for r in rows)
