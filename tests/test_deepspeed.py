@@ -243,13 +243,15 @@ def test_json_params_validated_at_initialize(runs):
     assert single["case_insensitive"] == "DeepSpeedMicroAdam"
     fields = {"unknown key": "k_initt", "density out of range": "density",
               "topk_block too large": "topk_block", "ef_rounding choice": "ef_rounding",
-              "alpha -2": "alpha"}
+              "alpha -2": "alpha", "step_in_backward": "step_in_backward"}
     for label, field in fields.items():
         res = single["bad"][label]
         assert res["error"] is not None and field in res["error"] and "optimizer.params" in res["error"], res
         assert res["untouched"], f"{label}: model modified by a failed initialize"
     assert "accepted: lr, betas" in single["bad"]["unknown key"]["error"]
     assert "elastic_checkpoint" in single["elastic_error"]
+    for err in (single["bad"]["step_in_backward"]["error"], single["client_in_backward_error"]):
+        assert err is not None and "step_in_backward is not supported under DeepSpeed" in err, err
 
 
 def test_import_does_not_import_deepspeed():

@@ -37,6 +37,11 @@ from . import ds_partitions as partitions
 
 TYPE_NAME = "microadam"
 LAYOUT_FILE = "microadam_layout.json"
+# MicroAdam's constructor options of step_in_backward (backward.py), none of which DeepSpeed can take.
+IN_BACKWARD_OPTIONS = ("step_in_backward", "backward_bucket_mb", "max_grad_norm_per_tensor")
+IN_BACKWARD_REFUSAL = ("step_in_backward is not supported under DeepSpeed: DeepSpeed owns the gradient "
+                       "buffers and the step (ZeRO reduces and partitions gradients after backward, then "
+                       "clips, scales and steps); remove the option, or train with FSDP2 or one device")
 _log = logging.getLogger(__name__)
 
 
@@ -98,6 +103,9 @@ def validate_params(params: Any) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ValueError(f"DeepSpeed config optimizer.params for type 'MicroAdam' must be an object, "
                          f"got {params!r}")
+    for key in IN_BACKWARD_OPTIONS:
+        if key in params:
+            raise ValueError(f"DeepSpeed config optimizer.params.{key}={params[key]!r}: {IN_BACKWARD_REFUSAL}")
     try:
         kwargs = normalize_kwargs(params)
         MicroAdamConfig(**kwargs)
@@ -157,13 +165,16 @@ def _patch_engine(mod: Any) -> None:
         opt._building = True
         return opt
 
-    def _configure_optimizer(self, *args, **kwargs):
+    def _configure_optimizer(self, client_optimizer, *args, **kwargs):
+        _refuse_in_backward(client_optimizer)  # an optimizer instance
         try:
-            return orig_configure(self, *args, **kwargs)
+            out = orig_configure(self, client_optimizer, *args, **kwargs)
         finally:
             basic = getattr(self, "basic_optimizer", None)
             if isinstance(basic, DeepSpeedMicroAdam):
                 basic._building = False
+        _refuse_in_backward(basic)  # what a callable client_optimizer built
+        return out
 
     def save_checkpoint(self, save_dir, tag=None, *args, **kwargs):
         if tag is None:  # as DeepSpeed names it; global_steps does not move during a save
@@ -191,6 +202,11 @@ def _patch_engine(mod: Any) -> None:
     cls._configure_optimizer = _configure_optimizer
     cls.save_checkpoint = save_checkpoint
     cls.load_checkpoint = load_checkpoint
+
+
+def _refuse_in_backward(optimizer: Any) -> None:
+    if isinstance(optimizer, MicroAdam) and optimizer._backward is not None:
+        raise ValueError(f"deepspeed.initialize with MicroAdam(step_in_backward=True): {IN_BACKWARD_REFUSAL}")
 
 
 def _precheck_load(engine: Any, load_dir: str, tag: Any) -> None:

@@ -8,6 +8,7 @@ Imports microadam_dist *before* DeepSpeed (the import hook path) and writes
   world_refusal: loading the 2-rank ZeRO-2 checkpoint with 1 rank (error, untouched)
   bad[label]: the error of deepspeed.initialize for a bad `optimizer.params`, and
       whether the model was left as it was (no bf16 cast, same values)
+  client_in_backward_error: deepspeed.initialize(optimizer=MicroAdam(step_in_backward=True))
   case_insensitive: the optimizer class built from `"type": "microADAM"`
 """
 
@@ -33,6 +34,7 @@ BAD = {
     "topk_block too large": {"topk_block": 40000},
     "ef_rounding choice": {"ef_rounding": "up"},
     "alpha -2": {"alpha": -2},
+    "step_in_backward": {"step_in_backward": True},
 }
 
 
@@ -73,6 +75,17 @@ def main() -> None:
         res["elastic_error"] = None
     except ValueError as exc:
         res["elastic_error"] = str(exc)
+
+    # A MicroAdam(step_in_backward=True) instance handed to deepspeed.initialize: refused too.
+    cfg = ds_config(1, "fp32")
+    del cfg["optimizer"]
+    model = make_model(seed)
+    try:
+        deepspeed.initialize(model=model, optimizer=microadam_dist.MicroAdam(
+            param_groups(model), step_in_backward=True), config=cfg)
+        res["client_in_backward_error"] = None
+    except ValueError as exc:
+        res["client_in_backward_error"] = str(exc)
 
     cfg = ds_config(1, "fp32")
     cfg["optimizer"]["type"] = "microADAM"
