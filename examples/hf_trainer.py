@@ -44,10 +44,9 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import microadam_dist  # noqa: E402,F401  makes "type": "MicroAdam" valid in the DeepSpeed JSON
-from microadam_dist.teardown import finish  # noqa: E402
+import common  # examples/common.py: this script's folder is first on sys.path
+import microadam_dist  # noqa: F401  makes "type": "MicroAdam" valid in the DeepSpeed JSON
+from microadam_dist.teardown import finish
 
 
 @dataclasses.dataclass
