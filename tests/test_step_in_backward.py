@@ -297,3 +297,39 @@ def test_deepspeed_json_refuses_step_in_backward():
     from microadam_dist.integrations.deepspeed import validate_params
     with pytest.raises(ValueError, match="step_in_backward.*DeepSpeed"):
         validate_params({"lr": 1e-3, "step_in_backward": True})
+
+
+def test_hf_trainer_accumulation_honoured_and_global_clipping_refused(tmp_path, seed):
+    """A real HF Trainer with gradient_accumulation_steps=2 (it tells Accelerate which
+    micro-batches must not step): the same params as the ordinary mode, one group per
+    optimizer step. Its default max_grad_norm=1.0 would clip nothing: refused by name."""
+    from transformers import Trainer, TrainingArguments
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model(seed % 1000)
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.mse_loss(self.net(x), labels)}
+
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys = torch.randn(32, 6, generator=gen), torch.randn(32, 3, generator=gen)
+    data = [{"x": x, "labels": y} for x, y in zip(xs, ys)]
+
+    def train(step_in_backward: bool, max_grad_norm: float):
+        model = Model()
+        opt = MicroAdam(groups(model.net), step_in_backward=step_in_backward, **HYPER)
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                 max_steps=3, max_grad_norm=max_grad_norm, use_cpu=True, report_to=[],
+                                 logging_strategy="no", save_strategy="no", lr_scheduler_type="constant",
+                                 disable_tqdm=True, seed=seed % 1000)
+        Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
+        return model, opt
+
+    ma, oa = train(False, 0.0)
+    mb, ob = train(True, 0.0)
+    assert_same(snapshot(ma.net, oa), snapshot(mb.net, ob), "Trainer, gradient_accumulation_steps=2")
+    assert ob._backward.flushes == 3 and {int(s["step"]) for s in ob.state.values()} == {3}
+    with pytest.raises(ValueError, match=r"max_grad_norm=1\.0 .*max_grad_norm_per_tensor"):
+        train(True, 1.0)
