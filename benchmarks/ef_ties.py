@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from microadam_dist.config import MicroAdamConfig  # noqa: E402
-from microadam_dist.layout import Layout  # noqa: E402
-from microadam_dist.ops import reference as ref  # noqa: E402
+from microadam_dist.config import MicroAdamConfig
+from microadam_dist.layout import Layout
+from microadam_dist.ops import reference as ref
 
 
 def near_half_rates(a: torch.Tensor, quant_block: int) -> dict:

@@ -6,6 +6,8 @@ set -o pipefail
 OUT=${OUT:-/tmp/microadam_gpu}; mkdir -p "$OUT"
 # The image's TORCH_CUDA_ARCH_LIST (9.0a) is kept on purpose: our build must accept it.
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+# The benchmarks import the package; on a machine where it is not installed, this checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 what=${1:-all}; kexpr=${2:-}
 want() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }

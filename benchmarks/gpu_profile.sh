@@ -5,6 +5,8 @@
 set -o pipefail
 OUT=${OUT:-/tmp/microadam_prof}; mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
+# The benchmarks import the package; on a machine where it is not installed, this checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 variants=${1:-base:}
 start=$(date +%s)
 python3 -c "from microadam_dist.ops import builder; builder.load()" > "$OUT/jit.log" 2>&1 &

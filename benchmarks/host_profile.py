@@ -8,17 +8,13 @@ the functions that take the host time (cProfile, sorted by own time and by cumul
 """
 import argparse
 import cProfile
-import os
 import pstats
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from kernel_variants import use_variant  # noqa: E402
-from step_bench import host_ms, kernel_ms, llama_shapes, make_params  # noqa: E402
-from microadam_dist import MicroAdam  # noqa: E402
+from kernel_variants import use_variant
+from step_bench import host_ms, kernel_ms, llama_shapes, make_params
+from microadam_dist import MicroAdam
 
 
 def main():

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from step_bench import host_ms, kernel_ms, llama_shapes, make_params, step_times  # noqa: E402
-from microadam_dist import MicroAdam  # noqa: E402
-from microadam_dist.ops import builder  # noqa: E402
+from step_bench import host_ms, kernel_ms, llama_shapes, make_params, step_times
+from microadam_dist import MicroAdam
+from microadam_dist.ops import builder
 
 
 def build(name: str, flags: list[str]):

@@ -3,16 +3,12 @@
     python benchmarks/profile_step.py [--quant-block 64] [--dtype bf16]
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from step_bench import llama_shapes, make_params  # noqa: E402
-from microadam_dist import MicroAdam  # noqa: E402
+from step_bench import llama_shapes, make_params
+from microadam_dist import MicroAdam
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--quant-block", type=int, default=64)

@@ -21,15 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # uninstalled checkout
 
 
 def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> list[tuple[int, ...]]:

@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [os.path.join(ROOT, "examples"), ROOT]
-import common  # noqa: E402
-from microadam_dist import MicroAdam  # noqa: E402
-from microadam_dist.ops.reference import dequantize_ef  # noqa: E402
+from examples_import import examples_module
+from microadam_dist import MicroAdam
+from microadam_dist.ops.reference import dequantize_ef
+
+common = examples_module("common")
 
 RUNGS = (0.75, 0.55, 0.4, 0.28)
 PREV_RUNGS = (0.7, 0.35)
