@@ -5,7 +5,9 @@ MicroAdam's ordinary step and by step_in_backward=True (one group per tensor, an
 group per backward), with an accumulate() step; records per step whether every local
 shard and state is bitwise equal, and whether every gradient was released by backward.
 DDP: step_in_backward=True must refuse at the first backward; records the error.
-Each rank writes OUT/rank<R>.json.
+Each rank writes OUT/rank<R>.json. With --device cuda (one GPU, NCCL, a world of one; run
+by tests/test_step_in_backward_cuda.py) the FSDP2 scenarios run on the CUDA backend, where
+FSDP2 runs the hooks on its reduce-scatter stream.
 """
 
 import argparse
@@ -22,6 +24,7 @@ from microadam_dist.teardown import finish
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, m=3, density=0.1, topk_block=64, quant_block=32,
              backend="reference")
+DEVICE = torch.device("cpu")
 STEPS = 4
 ACCUMULATE_AT = 3  # this step sums two micro-batches
 
@@ -37,7 +40,7 @@ def fsdp2(mesh, mixed: bool) -> torch.nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed \
         else MixedPrecisionPolicy()
-    model = make_model()
+    model = make_model().to(DEVICE)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -46,7 +49,7 @@ def fsdp2(mesh, mixed: bool) -> torch.nn.Module:
 
 def batches(step: int, rank: int) -> list:
     g = torch.Generator().manual_seed(100 * step + rank)
-    return [(torch.randn(8, 7, generator=g), torch.randn(8, 5, generator=g))
+    return [(torch.randn(8, 7, generator=g).to(DEVICE), torch.randn(8, 5, generator=g).to(DEVICE))
             for _ in range(2 if step == ACCUMULATE_AT else 1)]
 
 
@@ -107,16 +110,23 @@ def ddp_scenario(rank: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
-    dist.init_process_group("gloo")
+    global DEVICE
+    if args.device == "cuda":
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(DEVICE)
+        HYPER["backend"] = "cuda"
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(args.device, (world,))
     result = {"rank": rank}
     for name, mixed, bucket in (("fsdp2_per_tensor", False, 1e-9), ("fsdp2_one_group", False, 1e3),
                                 ("fsdp2_mp", True, 1e-3)):
         result[name] = fsdp2_scenario(mesh, rank, mixed, bucket)
-    result["ddp"] = ddp_scenario(rank)
+    if args.device == "cpu":
+        result["ddp"] = ddp_scenario(rank)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     finish()
