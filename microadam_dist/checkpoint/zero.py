@@ -1,7 +1,8 @@
 """Offline reshard of DeepSpeed ZeRO checkpoints written with "type": "MicroAdam".
 
 ZeRO-1/2 here; ZeRO-3 (per-parameter partitioning) in `zero3.py`, reached through the
-same `reshard_zero`. A ZeRO-1/2 checkpoint `SAVE_DIR/TAG` holds
+same `reshard_zero`; the file names, reading and atomic publishing both use are in
+`ds_files.py`. A ZeRO-1/2 checkpoint `SAVE_DIR/TAG` holds
 `mp_rank_00_model_states.pt` (module, world size `dp_world_size`) and per
 data-parallel rank `zero_pp_rank_{r}_mp_rank_00_optim_states.pt` (`bf16_zero_pp_...`
 for bf16 runs) whose `optimizer_state_dict` has the fp32 master partition of every param group
@@ -23,33 +24,18 @@ from __future__ import annotations
 
 import copy
 import glob
-import json
 import os
-import shutil
-import uuid
 from typing import Any
 
 import torch
 
-from ..config import MicroAdamConfig
-from ..integrations import ds_partitions as partitions
-from . import io as ckio
+from .ds_files import (BF16_PREFIX, MODEL_FILE, config_of_group, load, model_file_zero3, optim_file,
+                       publish)
 from .io import CheckpointError
 from .reshard import ReshardError, ReshardReport, ShardState, materialize, rebuild_shard, retarget
+from .zero3 import reshard_zero3
 
-MODEL_FILE = "mp_rank_00_model_states.pt"
-LAYOUT_FILE = "microadam_layout.json"
 ALIGNMENT_FACTOR = 2  # DeepSpeed stage_1_and_2: nccl_start_alignment_factor
-BF16_PREFIX = "bf16_"  # DeepSpeed names the optimizer files of bf16 runs bf16_zero_pp_rank_...
-
-
-def optim_file(rank: int, prefix: str = "") -> str:
-    return f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-
-
-def model_file_zero3(rank: int) -> str:
-    """ZeRO-3 writes one model-states file per data-parallel rank."""
-    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 
 
 def _has_model(folder: str) -> bool:
@@ -87,16 +73,6 @@ def is_deepspeed(path: str) -> bool:
         return False
 
 
-def _load(path: str) -> Any:
-    try:
-        # DeepSpeed's own files: they hold its objects (enums, namedtuples), so not weights_only.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"DeepSpeed checkpoint file {path} is missing") from None
-    except Exception as exc:
-        raise CheckpointError(f"cannot read DeepSpeed checkpoint file {path} (truncated or corrupt?): {exc}") from exc
-
-
 def _group_layout(metas: list[dict], gi: int) -> tuple[list[dict], int]:
     """Params of flat group gi in order [{"name", "shape", "numel", "start"}], and the real
     (unpadded) element count, from every rank's pieces."""
@@ -129,7 +105,7 @@ def reshard_zero(src: str, dst: str, world_size: int, sub_group_size: int | None
     root, tag = resolve(src)
     folder = os.path.join(root, tag)
     stage3 = not os.path.isfile(os.path.join(folder, MODEL_FILE))
-    model = _load(os.path.join(folder, model_file_zero3(0) if stage3 else MODEL_FILE))
+    model = load(os.path.join(folder, model_file_zero3(0) if stage3 else MODEL_FILE))
     old_world = int(model["dp_world_size"])
     if not stage3 and not glob.glob(os.path.join(folder, f"*{optim_file(0)}")):
         return _replicated(folder, tag, dst, world_size, model)
@@ -139,7 +115,7 @@ def reshard_zero(src: str, dst: str, world_size: int, sub_group_size: int | None
     if extra:
         raise CheckpointError(f"{folder} holds optimizer files beyond dp_world_size={old_world}: "
                               f"{[os.path.basename(e) for e in extra][:3]} (model parallelism is not supported)")
-    sds = [_load(f) for f in files]
+    sds = [load(f) for f in files]
     osds = [sd["optimizer_state_dict"] for sd in sds]
     # ZeRO-1/2 keep the basic optimizer's state_dict under base_optimizer_state, ZeRO-3 under
     # optimizer_state_dict (inside DeepSpeed's own optimizer_state_dict).
@@ -157,9 +133,7 @@ def reshard_zero(src: str, dst: str, world_size: int, sub_group_size: int | None
         if m["rank"] != r or m["world_size"] != old_world:
             raise CheckpointError(f"{files[r]} holds rank {m['rank']} of {m['world_size']}, expected {r} of {old_world}")
     if kind == "per_param" and stage == 3 and stage3:
-        from .zero3 import reshard_zero3
-
-        models = [model] + [_load(os.path.join(folder, model_file_zero3(r))) for r in range(1, old_world)]
+        models = [model] + [load(os.path.join(folder, model_file_zero3(r))) for r in range(1, old_world)]
         return reshard_zero3(folder, tag, dst, world_size, models, sds, metas, prefix, sub_group_size)
     if kind != "flat" or stage not in (1, 2) or "single_partition_of_fp32_groups" not in osds[0]:
         raise ReshardError(f"{folder}: ZeRO stage {stage} with {kind!r} partitioning; this tool reshards "
@@ -188,7 +162,7 @@ def reshard_zero(src: str, dst: str, world_size: int, sub_group_size: int | None
         shards = [ShardState(m["tensors"][gi]["global_offset"], m["tensors"][gi]["numel"], b["state"].get(gi, {}))
                   for m, b in zip(metas, bases)]
         have_state = all(s.state for s in shards if s.numel)
-        cfg = _config(bases[0]["param_groups"][gi])
+        cfg = config_of_group(bases[0]["param_groups"][gi])
         mat = None
         if have_state:
             whole = materialize(shards, old_total)
@@ -234,12 +208,6 @@ def _replicated(folder: str, tag: str, dst: str, world_size: int, model: dict) -
     return ReshardReport()
 
 
-def _config(group: dict) -> MicroAdamConfig:
-    d = {k: group[k] for k in MicroAdamConfig.field_names() if k in group}
-    d["betas"] = tuple(d["betas"])
-    return MicroAdamConfig(**d)
-
-
 def _piece_table(gi: int, params: list[dict], lo: int, size: int, padded: int) -> dict:
     pieces = []
     for p in params:
@@ -282,30 +250,6 @@ def _write(tag, dst, world, model, sds, parts, states, tables, paddings, meta0, 
                                            zip(osd["param_slice_mappings"], tables[r])]
         files[optim_file(r, prefix)] = dict(sd, optimizer_state_dict=osd)
     publish(dst, tag, files, metas[0])
-
-
-def publish(dst: str, tag: str, files: dict[str, Any], meta0: dict) -> None:
-    """Write `files` ({name: object}) and the layout record of rank 0's partition metadata
-    as `dst/tag` atomically: staged in a hidden dir, every file read back, renamed into
-    place, then `dst/latest` written."""
-    dst = os.path.abspath(dst)
-    os.makedirs(dst, exist_ok=True)
-    stage = os.path.join(dst, f".tmp-{tag}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(stage)
-    try:
-        for name, obj in files.items():
-            torch.save(obj, os.path.join(stage, name))
-        sig = partitions.signature(meta0)
-        record = {"format": 1, "signature": sig, "describe": partitions.describe(sig), "rank0": meta0}
-        with open(os.path.join(stage, LAYOUT_FILE), "w") as f:
-            json.dump(record, f, indent=1)
-        for name in os.listdir(stage):  # verify before publishing: every file reads back
-            if name.endswith(".pt"):
-                _load(os.path.join(stage, name))
-        ckio.replace_dir(stage, os.path.join(dst, tag))
-        ckio.atomic_write_bytes(os.path.join(dst, "latest"), tag.encode())
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 __all__ = ["reshard_zero", "is_deepspeed", "resolve"]

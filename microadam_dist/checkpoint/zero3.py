@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from . import zero
+from .ds_files import config_of_group, model_file_zero3, optim_file, publish
 from .io import CheckpointError
 from .reshard import ReshardError, ReshardReport, ShardState, materialize, rebuild_shard, remap
 
@@ -167,7 +167,7 @@ def reshard_zero3(folder: str, tag: str, dst: str, world: int, models: list[dict
         new_flat = torch.zeros(new_where.numel(), dtype=real.dtype)
         new_flat[new_where >= 0] = real[new_where[new_where >= 0]]
         states = [inner[r]["state"].get(s, {}) for r, s in keys]
-        cfg = zero._config(inner[0]["param_groups"][gi])
+        cfg = config_of_group(inner[0]["param_groups"][gi])
         mat = None
         if all(st for st, (_, k) in zip(states, old_ranges) if k):
             shards = [ShardState(off, k, st) for (off, k), st in zip(old_ranges, states)]
@@ -202,7 +202,7 @@ def _write(tag, dst, world, model, sds, inner0, flats, states, tables, group_par
     files: dict[str, Any] = {}
     metas = []
     for r in range(world):
-        files[zero.model_file_zero3(r)] = dict(model, dp_world_size=world, param_shapes=param_shapes)
+        files[model_file_zero3(r)] = dict(model, dp_world_size=world, param_shapes=param_shapes)
         meta = dict(meta0, world_size=world, rank=r, tensors=tables[r])
         metas.append(meta)
         groups = copy.deepcopy(inner0["param_groups"])
@@ -212,8 +212,8 @@ def _write(tag, dst, world, model, sds, inner0, flats, states, tables, group_par
         osd["optimizer_state_dict"] = {**{k: v for k, v in inner0.items() if k not in ("state", "param_groups")},
                                        "state": states[r], "param_groups": groups,
                                        "microadam": dict(inner0["microadam"], partition=meta)}
-        files[zero.optim_file(r, prefix)] = dict(sds[0], optimizer_state_dict=osd)
-    zero.publish(dst, tag, files, metas[0])
+        files[optim_file(r, prefix)] = dict(sds[0], optimizer_state_dict=osd)
+    publish(dst, tag, files, metas[0])
 
 
 __all__ = ["reshard_zero3", "sub_groups"]
