@@ -61,6 +61,8 @@ struct StepArgs {
   int dense;              // 1: write every param (weight decay, or eps == 0); 0: only window positions
   int param_dtype, grad_dtype;
   int win_smem;           // set by launch_step: the block's window rows are staged in shared memory
+  int feedback;           // alpha != 0: step 7 runs after the EF is final (docs/algorithm.md)
+  float alpha, keep;      // keep = float32(1 - alpha): the EF ranges' scale after step 7
 };
 
 // Dynamic shared memory of the compress/update kernel, and whether the window rows of a

@@ -22,7 +22,7 @@ void step(const at::Tensor& table, int64_t ntensors, int64_t total_blocks, const
           int64_t ntensors2, int64_t total_chunks2, const at::Tensor& betapow, const at::Tensor& ws,
           int64_t topk_block, int64_t k_block, int64_t quant_block, int64_t m, double lr,
           double decay, bool has_decay, double eps, bool stochastic, bool dense,
-          int64_t param_dtype, int64_t grad_dtype) {
+          int64_t param_dtype, int64_t grad_dtype, double alpha) {
   const at::Device device = table.device();
   check_device_tensor(table, "table", at::kLong, device);
   check_device_tensor(table2, "table2", at::kLong, device);
@@ -60,6 +60,11 @@ void step(const at::Tensor& table, int64_t ntensors, int64_t total_blocks, const
   a.dense = dense ? 1 : 0;
   a.param_dtype = static_cast<int>(param_dtype);
   a.grad_dtype = static_cast<int>(grad_dtype);
+  // Step 7 runs where the reference runs it (alpha != 0 as a Python float); 1 - alpha is
+  // computed in double and rounded once, as the reference's scalar is.
+  a.feedback = alpha != 0.0 ? 1 : 0;
+  a.alpha = static_cast<float>(alpha);
+  a.keep = static_cast<float>(1.0 - alpha);
 
   const c10::cuda::CUDAGuard guard(device);
   const int err = microadam::launch_step(a, at::cuda::getCurrentCUDAStream().stream());

@@ -15,6 +15,8 @@
 // Pass 2 (tensors whose quant blocks straddle top-k blocks, e.g. quant_block 100000):
 //   recompute a with the old EF ranges, zero this step's window positions, quantize
 //   with the new ranges. Then the new ranges are committed.
+// Step 7 (alpha > 0), once every tensor's EF is final: feedback_kernel subtracts
+//   lr * alpha * Q^-1(EF) from every param, then keep_ranges_kernel scales the ranges.
 #include <climits>
 #include <type_traits>
 
@@ -712,6 +714,52 @@ __global__ void commit_ranges_kernel(StepArgs A) {
     mx[q] = A.ws[A.ws_half + off + q];
   }
 }
+
+// Step 7 (alpha > 0), once the EF is final: every param of every tensor of the table loses
+// lr * (alpha * Q^-1(EF)), one CUDA block per top-k block (pass 1's virtual blocks).
+template <typename P>
+__global__ void __launch_bounds__(THREADS) feedback_kernel(StepArgs A) {
+  __shared__ Rec R;
+  __shared__ int go_s;
+  __shared__ int64_t q0_s;
+  const int tid = threadIdx.x;
+  for (int64_t vb = blockIdx.x; vb < A.total_blocks; vb += gridDim.x) {
+    if (tid == 0) {
+      find_record(A.table, A.ntensors, vb, R);
+      go_s = R.go == nullptr || *R.go;
+      q0_s = (vb - R.start) * A.topk_block / A.quant_block;
+    }
+    __syncthreads();
+    if (go_s) {
+      P* param = reinterpret_cast<P*>(R.param);
+      const int64_t base = (vb - R.start) * A.topk_block, q0 = q0_s;
+      const int L = (int)min((int64_t)A.topk_block, R.n - base);
+      const unsigned r0 = (unsigned)(base - q0 * A.quant_block);  // < quant_block: 32-bit offsets below
+      for (int j = tid; j < L; j += THREADS) {
+        const int64_t q = q0 + (r0 + (unsigned)j) / (unsigned)A.quant_block;
+        const float lo = R.ef_min[q];
+        const float e = dequant_code(nibble(R.ef, base + j), lo, ef_scale(lo, R.ef_max[q]));
+        param[base + j] = from_f<P>(__fsub_rn(to_f(param[base + j]), __fmul_rn(A.lr, __fmul_rn(A.alpha, e))));
+      }
+    }
+    __syncthreads();  // R is reused by the next virtual block
+  }
+}
+
+// After feedback_kernel: every tensor's EF ranges times keep (the EF keeps 1 - alpha of itself).
+__global__ void keep_ranges_kernel(StepArgs A) {
+  for (int64_t ti = blockIdx.y; ti < A.ntensors; ti += gridDim.y) {
+    const int64_t* t = A.table + ti * REC;
+    if (t[F_GO] != 0 && !*reinterpret_cast<const bool*>(t[F_GO])) continue;
+    const int64_t nq = (t[F_N] + A.quant_block - 1) / A.quant_block;
+    float* mn = reinterpret_cast<float*>(t[F_EF_MIN]);
+    float* mx = reinterpret_cast<float*>(t[F_EF_MAX]);
+    for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < nq; q += (int64_t)gridDim.x * blockDim.x) {
+      mn[q] = __fmul_rn(mn[q], A.keep);
+      mx[q] = __fmul_rn(mx[q], A.keep);
+    }
+  }
+}
 #endif  // !MICROADAM_PASS1_WIDE
 
 // The lean instance of pass 1 a launch can take (0: none): the fast top-k, the staged window,
@@ -860,6 +908,18 @@ int launch_step(const StepArgs& args, void* stream) {
     }
     if (e != cudaSuccess) return (int)e;
     commit_ranges_kernel<<<dim3(64, (unsigned)A.ntensors2), THREADS, 0, s>>>(A);
+    if ((e = cudaGetLastError()) != cudaSuccess) return (int)e;
+  }
+  if (A.feedback && A.ntensors > 0 && A.total_blocks > 0) {
+    const unsigned grid = (unsigned)(A.total_blocks < INT_MAX ? A.total_blocks : INT_MAX);
+    switch (A.param_dtype) {
+      case DT_F32: feedback_kernel<float><<<grid, THREADS, 0, s>>>(A); break;
+      case DT_BF16: feedback_kernel<__nv_bfloat16><<<grid, THREADS, 0, s>>>(A); break;
+      case DT_F16: feedback_kernel<__half><<<grid, THREADS, 0, s>>>(A); break;
+      default: return (int)cudaErrorInvalidValue;
+    }
+    if ((e = cudaGetLastError()) != cudaSuccess) return (int)e;
+    keep_ranges_kernel<<<dim3(64, (unsigned)(A.ntensors < 65535 ? A.ntensors : 65535)), THREADS, 0, s>>>(A);
     if ((e = cudaGetLastError()) != cudaSuccess) return (int)e;
   }
   return 0;

@@ -165,6 +165,50 @@ def test_weight_decay_writes_every_param(pdtype, quant_block, offset, seed):
     assert moved >= 0.9 * sum(SIZES)
 
 
+@pytest.mark.parametrize("pdtype,gdtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16)])
+@pytest.mark.parametrize("quant_block", [4096, 64, 1000, 100000])
+@pytest.mark.parametrize("alpha", [0.1, 0.75])
+def test_alpha_matches_reference(pdtype, gdtype, quant_block, alpha, seed):
+    """Step 7 (alpha > 0) after the EF is final: every param loses lr * alpha * Q^-1(EF) and the
+    ranges are scaled by 1 - alpha, byte for byte as the reference, for one-pass tensors and
+    second-pass ones (quant blocks 1000 and 100000 straddle top-k blocks), every dtype, with
+    weight decay at quant block 64; three steps. fp32 params all move, not only the window's."""
+    wd = 0.1 if quant_block == 64 else 0.0
+    cpu, gpu, opt_c, opt_g, gen = make_pair(SIZES, pdtype, gdtype, 1 + seed % 13, seed, quant_block=quant_block,
+                                            lr=0.05, alpha=alpha, weight_decay=wd)
+    before = [p.detach().clone() for p in gpu]
+    for _ in range(3):
+        step_pair(cpu, gpu, opt_c, opt_g, gdtype, gen)
+        assert_same(cpu, gpu, opt_c, opt_g, pdtype)
+    if pdtype == torch.float32:
+        moved = sum(int((p.detach() != b).sum()) for p, b in zip(gpu, before))
+        assert moved >= 0.99 * sum(SIZES)
+
+
+@pytest.mark.parametrize("quant_block", [4096, 100000])
+def test_alpha_step_with_a_nonfinite_gradient_writes_nothing(quant_block, seed):
+    """nonfinite="skip" with alpha: the step-7 kernels read the check's flag too."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda", generator=gen)) for n in (4097, 12345)]
+    opt = MicroAdam(params, backend="cuda", lr=1e-2, quant_block=quant_block, alpha=0.5)
+    for p in params:
+        set_grad(p, torch.randn(p.shape, device="cuda", generator=gen))
+    opt.step()
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+    for p in params:
+        set_grad(p, torch.randn(p.shape, device="cuda", generator=gen))
+    params[1].grad[7] = float("nan")
+    opt.step()
+    assert opt.nonfinite_skips == 1
+    for p, (p0, s0) in zip(params, before):
+        assert torch.equal(p.detach(), p0)
+        for k, v in s0.items():
+            assert torch.equal(opt.state[p][k].view(torch.uint8) if v.dtype == torch.bfloat16 else opt.state[p][k],
+                               v.view(torch.uint8) if v.dtype == torch.bfloat16 else v), k
+
+
 @pytest.mark.parametrize("topk_block,quant_block,density,m", [
     (1001, 7, 0.05, 3), (4096, 4096, 0.01, 1), (32768, 32768, 0.01, 4), (2048, 100000, 0.2, 5),
     (4096, 3, 0.01, 2), (1, 1, 1.0, 2), (8192, 64, 0.01, 10), (4096, 64, 0.01, 40),
@@ -293,7 +337,8 @@ def steps_agree(cpu, gpu, opt_c, opt_g, gen, steps):
 
 
 @pytest.mark.parametrize("quant_block", [64, 100000])
-def test_launches_go_out_while_later_tensors_are_prepared(quant_block, seed, monkeypatch):
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_launches_go_out_while_later_tensors_are_prepared(quant_block, alpha, seed, monkeypatch):
     """run_cuda launches a group as soon as it holds FIRST_LAUNCH_BLOCKS top-k blocks, then
     at 4x as many: with a threshold of one block this step makes several launches (counted),
     each record carrying its tensor's new step, and every tensor still matches the reference
@@ -309,7 +354,7 @@ def test_launches_go_out_while_later_tensors_are_prepared(quant_block, seed, mon
     monkeypatch.setattr(cuda_ops, "_launch", counting)
     sizes = [4097, 1, 100003, 5000, 8192 * 3 + 1, 7, 12345]
     cpu, gpu, opt_c, opt_g, gen = make_pair(sizes, torch.bfloat16, torch.bfloat16, 1 + seed % 9, seed,
-                                            quant_block=quant_block, lr=1e-2)
+                                            quant_block=quant_block, lr=1e-2, alpha=alpha)
     launches.clear()
     steps_agree(cpu, gpu, opt_c, opt_g, gen, 3)
     expected = oracle.launch_sizes(sizes, 4096, 1)

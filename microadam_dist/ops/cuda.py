@@ -273,7 +273,7 @@ def _launch(module, batch: list, hp: StepHyper, go: torch.Tensor | None) -> None
                 lay0.topk_block, lay0.k_block, lay0.quant_block, lay0.m,
                 float(hp.lr), float(1.0 - hp.lr * wd), wd != 0.0, float(hp.eps),
                 hp.ef_rounding == "stochastic", wd != 0.0 or float(hp.eps) == 0.0,
-                DTYPES[job0.param.dtype], DTYPES[job0.grad.dtype])
+                DTYPES[job0.param.dtype], DTYPES[job0.grad.dtype], float(hp.alpha))
 
 
 def gradient_flags(module, grads: list, device: torch.device) -> torch.Tensor | None:
