@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import resource
 import sys
 import time
@@ -37,9 +36,8 @@ import time
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from microadam_dist import MicroAdam  # noqa: E402
+import common  # examples/common.py: this script's folder is first on sys.path
+from microadam_dist import MicroAdam
 
 
 def parse_args(argv=None):
