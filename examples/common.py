@@ -203,6 +203,17 @@ def build_model(model: str | None = None, size: str = "tiny", vocab: int = ByteT
     return LlamaForCausalLM(config).to(dtype)
 
 
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder layer (non-reentrant: one backward, so hooks on the
+    params run in it), through the name this transformers version has."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on norms and biases), as usual for Llama training."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

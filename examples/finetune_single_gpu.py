@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
                                max_len=max(2048, args.seq_len), dtype=dtype).to(device)
     model.config.use_cache = False
     if not args.no_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        common.checkpoint_layers(model)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
