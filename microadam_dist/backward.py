@@ -95,12 +95,13 @@ def _accelerate_defers() -> bool:
 
 
 class _Flight:
-    """One group's step launched on a CUDA device with per-tensor flags not read yet."""
+    """One group's step launched on a CUDA device with per-tensor flags not read yet. It holds
+    no gradient (nor does `finish`, ops/cuda.py), so those are freed while it waits."""
 
-    __slots__ = ("finish", "jobs", "params", "host", "event", "fresh", "nonfinite")
+    __slots__ = ("finish", "wheres", "params", "host", "event", "fresh", "nonfinite")
 
-    def __init__(self, finish, jobs, params, flags, fresh, nonfinite):
-        self.finish, self.jobs, self.params, self.fresh, self.nonfinite = finish, jobs, params, fresh, nonfinite
+    def __init__(self, finish, wheres, params, flags, fresh, nonfinite):
+        self.finish, self.wheres, self.params, self.fresh, self.nonfinite = finish, wheres, params, fresh, nonfinite
         self.host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
         self.host.copy_(flags, non_blocking=True)
         self.event = torch.cuda.Event()
@@ -304,7 +305,7 @@ class StepInBackward:
         if flags is not None and name == "cuda":
             # The kernels read each tensor's flag on the GPU; the host reads them later (settle).
             finish = run(jobs, hp, go=flags)
-            self._flights.append(_Flight(finish, jobs, params, flags, fresh, nonfinite))
+            self._flights.append(_Flight(finish, [job.where for job in jobs], params, flags, fresh, nonfinite))
             self._unsettled.update(id(p) for p in params)
             return
         if flags is None:
@@ -314,17 +315,17 @@ class StepInBackward:
         good = [job for job, flag in zip(jobs, ok) if flag]
         if good:
             run(good, hp)
-        self._skipped(jobs, params, ok, fresh, nonfinite)
+        self._skipped([job.where for job in jobs], params, ok, fresh, nonfinite)
 
-    def _skipped(self, jobs: list, params: list, ok: list[bool], fresh: list[bool], nonfinite: str) -> None:
-        for job, p, flag, new in zip(jobs, params, ok, fresh):
+    def _skipped(self, wheres: list, params: list, ok: list[bool], fresh: list[bool], nonfinite: str) -> None:
+        for where, p, flag, new in zip(wheres, params, ok, fresh):
             if flag:
                 continue
             self.opt.nonfinite_skips += 1
             if new:
                 self.opt._forget([p])  # as the ordinary step drops a skipped first step's state
             if nonfinite == "raise":
-                self._raise.append(self.opt._name(job.where))
+                self._raise.append(self.opt._name(where))
 
     # -- completing the step ------------------------------------------------------------------------
     def settle(self) -> None:
@@ -337,7 +338,7 @@ class StepInBackward:
             fl.event.synchronize()
             ok = fl.host.tolist()
             fl.finish(ok)
-            self._skipped(fl.jobs, fl.params, ok, fl.fresh, fl.nonfinite)
+            self._skipped(fl.wheres, fl.params, ok, fl.fresh, fl.nonfinite)
         if self._raise:
             names, self._raise = self._raise, []
             raise FloatingPointError(

@@ -172,8 +172,10 @@ def test_no_buffer_of_every_gradient(seed):
             torch.cuda.synchronize()
             peaks[sib] = torch.cuda.max_memory_allocated() - base
         del model, opt, gs
-    grads = 64 * 2**20
-    assert peaks[True] <= peaks[False] - grads + 16 * 2**20, {k: v / 2**20 for k, v in peaks.items()}
+    mib = {k: v / 2**20 for k, v in peaks.items()}
+    # Ordinary: all 64 MiB of gradients at once. In backward: an 8 MiB bucket and the 4 MiB
+    # gradient that fills it, a few MiB of transients.
+    assert peaks[False] >= 64 * 2**20 and peaks[True] <= 24 * 2**20, mib
 
 
 def test_fsdp2_on_one_gpu_equals_ordinary(tmp_path):

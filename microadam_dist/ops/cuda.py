@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..layout import Layout
-from . import advance_steps, builder
+from . import builder
 from .reference import StepHyper
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -158,13 +158,15 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable,
     finishes only the jobs whose flag is true (step_in_backward's per-tensor skip, backward.py).
     """
     pending: dict[tuple, list] = {}  # key -> [(job, entry, index in jobs) not launched yet, their top-k blocks, launch at]
-    rest, taken = [], []
+    # finish() keeps the step counters of the jobs the kernels took, not the jobs: the caller
+    # may free their gradients while it waits (step_in_backward frees each group's at once).
+    rest, taken = [], []  # (index, job) the kernels cannot take; (index, step counter) they took
     for i, job in enumerate(jobs):
         ent = _entry(job, module)
         if ent is None:
-            rest.append(job)
+            rest.append((i, job))
             continue
-        taken.append(job)
+        taken.append((i, job.state["step"]))
         key = (ent.dev, job.param.dtype, job.grad.dtype, ent.blocks)
         slot = pending.get(key)
         if slot is None:
@@ -179,11 +181,11 @@ def run_cuda(module, jobs: list, hp: StepHyper, fallback: Callable,
             _launch_group(module, group, hp, go)
 
     def finish(ok: list[bool] | None = None) -> None:
-        done, late = taken, rest
-        if ok is not None:  # one flag per job: finish the jobs whose flag was true
-            good = {id(job) for job, flag in zip(jobs, ok) if flag}
-            done, late = [j for j in taken if id(j) in good], [j for j in rest if id(j) in good]
-        advance_steps(done)
+        # ok: one flag per job; finish those whose flag was true (None: all).
+        counters = [step for i, step in taken if ok is None or ok[i]]
+        if counters:
+            torch._foreach_add_(counters, 1)  # ops.advance_steps, on the counters alone
+        late = [job for i, job in rest if ok is None or ok[i]]
         if late:
             fallback(late, hp)  # advances its jobs' steps itself
 
