@@ -57,18 +57,30 @@ def test_hf_trainer_example(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_finetune_deepspeed_compare(tmp_path):
-    """The demo's command, shortened: MicroAdam then the AdamW twin in the same processes."""
+    """The demo's command, shortened: AdamW pre-trains on one corpus, then MicroAdam and the
+    AdamW twin fine-tune from those weights on another, in the same processes."""
     out = tmp_path / "ds"
     stdout = torchrun("finetune_deepspeed.py", "--deepspeed_config",
                       os.path.join(CONFIGS, "ds_zero2_microadam.json"), "--compare",
                       os.path.join(CONFIGS, "ds_zero2_adamw.json"), "--out", str(out), "--steps", "6",
+                      "--pretrain-steps", "8", "--data", "cpp", "--save-start", str(tmp_path / "start.pt"),
                       "--eval-every", "3", "--max-tokens", "200000", "--eval-windows", "8", "--seq-len", "64",
                       "--no-progress")
+    pre_rows, pre = read_jsonl(out / "pretrain" / "pretrain.jsonl")
+    assert pre["optimizer"] == "AdamW" and pre["steps"] == 8 and pre["data"] == "python", pre
+    starts = []
     for label, optimizer, bytes_per_param in (("zero2_microadam", "DeepSpeedMicroAdam", 0.9),
                                               ("zero2_adamw", "AdamW", 8.0)):
         rows, summary = read_jsonl(out / f"{label}.jsonl")
-        assert summary["optimizer"] == optimizer and summary["steps"] == 6, summary
+        assert summary["optimizer"] == optimizer and summary["steps"] == 6 and summary["data"] == "cpp", summary
         assert summary["state_bytes_per_param"] == pytest.approx(bytes_per_param, abs=0.01), summary
-        assert rows[-1]["loss"] < rows[0]["loss"], rows
+        train = [r["loss"] for r in rows if "loss" in r]
+        assert train[-1] < train[0], rows
+        assert rows[0]["step"] == 0 and "loss" not in rows[0], rows  # the start's held-out loss
+        starts.append(rows[0]["eval_loss"])
+    assert starts[0] == starts[1] < 5.56, starts  # one start for both, trained (ln 259 = 5.56 untrained)
+    assert "start: 8 steps of AdamW on python" in stdout, stdout
     assert "zero2_microadam / zero2_adamw held-out loss:" in stdout, stdout
     assert (out / "loss_curves.png").stat().st_size > 10_000
+    import torch
+    assert torch.load(tmp_path / "start.pt")["lm_head.weight"].shape == (259, 128)
