@@ -96,6 +96,15 @@ def make_optimizer(row, model, args, cuda):
                      step_in_backward=row == "microadam_step_in_backward", backward_bucket_mb=args.bucket_mb)
 
 
+def train_step(model, opt, batch) -> torch.Tensor:
+    """Forward, backward (where step_in_backward steps), step, zero_grad; the loss."""
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,19 +125,16 @@ def run_row(row, args, device):
     flushes = []
     for it in range(args.warmup + args.steps):
         batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=gen).to(device)
+        in_backward = getattr(opt, "_backward", None)
+        before = in_backward.flushes if in_backward is not None else 0
         sync(device)
-        before = opt._backward.flushes if getattr(opt, "_backward", None) is not None else 0
-        t0 = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        loss = train_step(model, opt, batch)
         sync(device)
-        dt = time.perf_counter() - t0
         if it >= args.warmup:
-            times.append(dt)
-        if getattr(opt, "_backward", None) is not None:
-            flushes.append(opt._backward.flushes - before)
+            times.append(time.perf_counter() - start)
+        if in_backward is not None:
+            flushes.append(in_backward.flushes - before)
         losses.append(float(loss.detach().float()))
     peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
     state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
