@@ -108,6 +108,22 @@ def _flat_bytes(key: str, t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8) if key == "win_idx" else flat
 
 
+def padded_local(key: str, state: dict, size: int, device: torch.device) -> torch.Tensor:
+    """One shard's chunk of checkpoint-form tensor `key`: the live tensor (layout.py)
+    flattened (win_idx as bytes) and zero-padded to `size` elements (`padded_sizes`)."""
+    if key == "step":
+        local = state["step"].reshape(1).to(device=device, copy=True)
+    elif key == "layout":
+        local = state["layout"].to(device=device, copy=True)
+    else:
+        local = _flat_bytes(key, state[key])
+    if local.numel() != size:
+        pad = local.new_zeros(size)
+        pad[:local.numel()] = local
+        local = pad
+    return local
+
+
 def export_state(state: dict, geo: Geometry, device: torch.device) -> dict[str, Any]:
     """One DTensor param's state (plain local tensors, layout.py) in checkpoint form."""
     from torch.distributed.tensor import DTensor
@@ -119,16 +135,7 @@ def export_state(state: dict, geo: Geometry, device: torch.device) -> dict[str, 
         guard, geo.mesh, geo.placements, run_check=False,
         shape=torch.Size([geo.shards, geo.shards + 1]), stride=(geo.shards + 1, 1))}
     for key in STATE_KEYS:
-        if key == "step":
-            local = state["step"].reshape(1).to(device=device, copy=True)
-        elif key == "layout":
-            local = state["layout"].to(device=device, copy=True)
-        else:
-            local = _flat_bytes(key, state[key])
-        if local.numel() != sizes[key]:
-            pad = local.new_zeros(sizes[key])
-            pad[:local.numel()] = local
-            local = pad
+        local = padded_local(key, state, sizes[key], device)
         out[key] = DTensor.from_local(local, geo.mesh, geo.placements, run_check=False,
                                       shape=torch.Size([geo.shards * sizes[key]]), stride=(1,))
     for key, value in state.items():  # anything else a state holds travels as it is
@@ -248,4 +255,4 @@ def _refuse_sharding(saved: int, sharded: bool, geo: Geometry | None, name: str,
                      f"sharding: load it at the world size and mesh it was saved with, or {hint}")
 
 
-__all__ = ["SHARDS_KEY", "Geometry", "geometry", "padded_sizes", "export_state", "check_state", "import_state", "is_dtensor"]
+__all__ = ["SHARDS_KEY", "Geometry", "geometry", "padded_sizes", "padded_local", "export_state", "check_state", "import_state", "is_dtensor"]

@@ -17,7 +17,7 @@ from microadam_dist.checkpoint import dcp as ckdcp
 from microadam_dist.checkpoint import io as ckio
 from microadam_dist.checkpoint.__main__ import main as cli
 from microadam_dist.checkpoint.reshard import ShardState
-from microadam_dist.integrations.fsdp import INFO_KEY, META_KEY, rank_key
+from microadam_dist.checkpoint.keys import INFO_KEY, META_KEY, rank_key
 from test_reshard import assert_smooth_continuation, check_conservation, decode_all, shared_reference
 
 pytestmark = pytest.mark.slow

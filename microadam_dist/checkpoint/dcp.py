@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..config import MicroAdamConfig
-from ..integrations.fsdp import INFO_KEY, META_KEY, rank_key
+from .keys import INFO_KEY, META_KEY, rank_key
 from . import io as ckio
 from .io import CheckpointError
 from .reshard import ReshardError, ReshardReport, ShardState, reshard_tensor

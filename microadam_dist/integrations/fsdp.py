@@ -31,28 +31,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.keys import INFO_KEY, META_KEY, clean_fqn, rank_key
 from ..config import MicroAdamConfig
 from ..layout import STATE_KEYS, Layout
 from ..optim import RESHARD_HINT, MicroAdam, local_tensor
 
 FORMAT = 1
-META_KEY = "microadam_meta"
-INFO_KEY = "_info"
-# Wrapper modules that FSDP1, activation checkpointing and torch.compile insert into
-# parameter names; stripped so that a checkpoint's names are the model's own.
-_WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def rank_key(rank: int) -> str:
-    """The checkpoint key under which global rank `rank` stores its MicroAdam state."""
-    return f"microadam_rank{rank}"
-
-
-def clean_fqn(name: str) -> str:
-    """A parameter name without the wrapper modules FSDP1 / checkpointing / compile insert."""
-    for token in _WRAPPER_TOKENS:
-        name = name.replace(token, "")
-    return name
 
 
 def _rank_world() -> tuple[int, int]:
