@@ -126,7 +126,9 @@ class StepInBackward:
         self._pending_bytes = 0
         self._stream = None  # the CUDA stream of the pending gradients (None on the CPU)
         self._streams: dict[Any, Any] = {}  # streams stepped on in this backward
-        self._queued = False  # the end-of-backward callback is queued
+        # Autograd graph tasks (backward calls) whose end-of-backward callback is queued: by id,
+        # so that a backward that raised (its callbacks never run) does not block the next one's.
+        self._queued: set[int] = set()
         self._accumulating = 0
         self._flights: list[_Flight] = []
         self._unsettled: set[int] = set()  # ids of params whose last step is in a flight
@@ -226,9 +228,10 @@ class StepInBackward:
         grad = p.grad
         if where is None or grad is None:
             return
-        if not self._queued:
+        task = torch._C._current_graph_task_id()
+        if task not in self._queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            self._queued = True
+            self._queued.add(task)
         stream = torch.cuda.current_stream(grad.device) if grad.is_cuda else None
         if self._pending and stream != self._stream:
             self.flush()
@@ -240,7 +243,7 @@ class StepInBackward:
             self.flush()
 
     def _end_of_backward(self) -> None:
-        self._queued = False
+        self._queued.discard(torch._C._current_graph_task_id())
         self.flush()
         # Groups stepped on another stream (FSDP2's reduce-scatter stream, or a flush at this
         # callback): the caller's stream waits for them, so the next forward reads stepped params.
@@ -280,10 +283,12 @@ class StepInBackward:
         """step()'s work list for the pending params, in param-group order."""
         opt = self.opt
         by_group: dict[int, list] = {}
+        taken: set[int] = set()  # a param left pending by a backward that raised may come again
         for p, where in pending:
             grad = p.grad
-            if grad is None or p.numel() == 0:
+            if grad is None or p.numel() == 0 or id(p) in taken:
                 continue
+            taken.add(id(p))
             if grad.is_sparse or p.dtype.is_complex or grad.dtype.is_complex or grad.shape != p.shape:
                 opt._reject_grad(p, grad, where)
             by_group.setdefault(where[0], []).append(

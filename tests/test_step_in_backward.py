@@ -333,3 +333,22 @@ def test_hf_trainer_accumulation_honoured_and_global_clipping_refused(tmp_path, 
     assert ob._backward.flushes == 3 and {int(s["step"]) for s in ob.state.values()} == {3}
     with pytest.raises(ValueError, match=r"max_grad_norm=1\.0 .*max_grad_norm_per_tensor"):
         train(True, 1.0)
+
+
+def test_a_backward_that_raised_does_not_break_the_next(seed):
+    """An exception inside backward (after some params were queued, before its end) skips the
+    end-of-backward callback; the next backward still steps every param exactly once."""
+    ma, oa, mb, ob = pair(seed % 1000, HUGE)
+    gen = torch.Generator().manual_seed(seed)
+    handle = dict(mb.named_parameters())["0.weight"].register_hook(lambda g: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        loss_of(mb, batch(gen)).backward()
+    handle.remove()
+    ob.zero_grad()
+    xy = batch(gen)
+    loss_of(mb, xy).backward()
+    ob.step()
+    loss_of(ma, xy).backward()
+    oa.step()
+    assert grads_released(mb) and {int(s["step"]) for s in ob.state.values()} == {1}
+    assert_same(snapshot(ma, oa), snapshot(mb, ob), "after a failed backward")
