@@ -200,17 +200,15 @@ def test_state_under_a_shared_key_is_lost_and_caught(runs):
 def test_other_world_size_or_layout_is_refused_naming_both_layouts(runs):
     err = runs["mismatch"]["error"]
     assert err is not None
-    n2 = torch.empty(33, 7).chunk(2)[0].numel()   # rank 0's 0.weight shard at world size 2
-    n1 = 33 * 7                                     # the whole 0.weight at world size 1
-    for piece in ("saved by 2 rank(s)", "this run has 1 rank(s)", "'0.weight'", f"n={n2},", f"n={n1},",
+    for piece in ("'0.weight' was saved for 2 shard(s)", "this run holds 1 shard(s)",
                   "python -m microadam_dist.checkpoint reshard"):
         assert piece in err, (piece, err)
     for r, res in enumerate(runs["train"]):
+        n2 = torch.empty(33, 7).chunk(2)[r].numel()  # rank r's 0.weight shard at world size 2
+        # An FSDP2 checkpoint (stock form) into FSDP1, which loads only its rank-keyed form.
         other = res["fsdp2"]["other_sharding_error"]
-        assert other is not None and "reshard" in other, other
-        # rank 0 holds all 231 elements of 0.weight under FSDP1 here, 119 under FSDP2.
-        if r == 0:
-            assert f"n={n2}," in other and f"n={n1}," in other and "'0.weight'" in other, other
-        else:
-            assert other.startswith("rank 0 cannot load:"), other
-        assert res["fsdp2"]["m_after_load"] == 3 and res["fsdp2"]["other_m_state_bitwise"]
+        assert other is not None and "FSDP1" in other and "reshard" in other, other
+        # Another m: the sizes of the window differ; refused naming this run's layout.
+        other_m = res["fsdp2"]["other_m_error"]
+        assert other_m is not None and "'0.weight'" in other_m and f"n={n2}," in other_m, other_m
+        assert "m=4," in other_m and "python -m microadam_dist.checkpoint reshard" in other_m, other_m

@@ -1,13 +1,17 @@
 """Offline checkpoint tool.
 
     python -m microadam_dist.checkpoint reshard --src DIR --dst DIR --world-size M [--set topk_block=2048]
-    python -m microadam_dist.checkpoint consolidate --src DIR --dst FILE
+        [--model-src DIR]
+    python -m microadam_dist.checkpoint consolidate --src DIR --dst FILE [--model-src DIR]
     python -m microadam_dist.checkpoint split --src FILE --dst DIR --world-size M
     python -m microadam_dist.checkpoint verify PATH
 
 `reshard` also accepts a consolidated FILE as --src (then it is `split`), and
-`reshard` / `consolidate` accept an FSDP DCP checkpoint written by
-`integrations.fsdp.save_checkpoint` (FSDP2 or DDP; the output is DCP again), and
+`reshard` / `consolidate` accept an FSDP DCP checkpoint: the stock form that torch's
+`get_optimizer_state_dict` + `dcp.save` write (our `integrations.fsdp.save_checkpoint`,
+Accelerate, Lightning, torchtitan; the optimizer under "optim" or "optimizer", the model
+under "model" or, with --model-src, in another DCP dir), or the rank-keyed form of older
+helper checkpoints (FSDP2 or DDP); the output is DCP in the same form, and
 `reshard` accepts a DeepSpeed ZeRO-1/2/3 save_dir or tag dir (output: a save_dir
 holding the same tag and `latest`). It prints
 a JSON report: entries kept in the window, folded into the EF, EF blocks copied
@@ -71,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("consolidate", help="all shards -> one single-process file")
     c.add_argument("--src", required=True)
     c.add_argument("--dst", required=True)
+    for p in (r, c):
+        p.add_argument("--model-src", default=None, metavar="DIR",
+                       help="DCP dir holding the model params, for a DCP checkpoint whose --src holds "
+                            "the optimizer alone (Accelerate's optimizer dir)")
     s = sub.add_parser("split", help="a consolidated file -> a sharded checkpoint")
     s.add_argument("--src", required=True)
     s.add_argument("--dst", required=True)
@@ -98,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "hyper-parameters from the JSON of the run that loads them")
             rep = reshard_zero(args.src, args.dst, args.world_size)
         elif args.cmd in ("reshard", "consolidate") and is_dcp(args.src):
-            # An FSDP checkpoint written by integrations.fsdp.save_checkpoint (DCP).
-            rep = (reshard_dcp(args.src, args.dst, args.world_size, **_overrides(args.set))
-                   if args.cmd == "reshard" else consolidate_dcp(args.src, args.dst))
+            # An FSDP checkpoint (DCP): torch's stock form or the rank-keyed one.
+            rep = (reshard_dcp(args.src, args.dst, args.world_size, model_src=args.model_src,
+                               **_overrides(args.set))
+                   if args.cmd == "reshard" else consolidate_dcp(args.src, args.dst, model_src=args.model_src))
         elif args.cmd == "consolidate":
             _check_sharded(args.src)
             rep = consolidate_dir(args.src, args.dst)

@@ -1,24 +1,16 @@
-"""MicroAdam under PyTorch FSDP2 (`fully_shard`), FSDP1, DDP and single devices,
-with sharded checkpoints through torch.distributed.checkpoint (DCP).
+"""MicroAdam under PyTorch FSDP2 (`fully_shard`), FSDP1, DDP and single devices:
+checkpoint helpers through torch.distributed.checkpoint (DCP).
 
-Training needs nothing from this module: `MicroAdam` steps each param's local
-shard (a DTensor's local tensor under FSDP2, a FlatParameter shard or a view of it
-under FSDP1) and skips ranks that hold no part of a param.
+Training needs nothing from this module, and neither do checkpoints under FSDP2 or DDP:
+`MicroAdam.state_dict()` hands each DTensor param's state out in a form that torch's stock
+calls (`get_optimizer_state_dict`, `dcp.save` / `dcp.load`, `set_optimizer_state_dict`)
+carry bitwise (sharded_state.py). `save_checkpoint` / `load_checkpoint` are those calls
+plus a check, on the checkpoint's metadata alone, that every rank refuses another number
+of shards with the reshard command instead of DCP's size mismatch.
 
-Checkpoints do. torch's `get_optimizer_state_dict` assumes that optimizer state is
-shaped like the param (Adam's moments): FSDP1 slices and flattens state tensors as
-if they were params, and under FSDP2 a plain tensor under the same key on every rank
-is taken for a replicated value, so DCP writes one rank's copy and every other rank
-silently loads it. MicroAdam's state (packed EF codes, per-block ranges, a window of
-block-local indices) has its own shapes, and each rank's differs. So each rank's
-state goes under a rank-unique key, `microadam_rank{R}.{fqn}.{ef,...}`; DCP then
-writes every rank's tensors, and a rank loads exactly its own. Next to them lie
-what an offline reshard needs (issue 6): per param the engine, world size, rank,
-this rank's flat range (offset, numel) of the param, and the layout.
-
-Loading checks, before any tensor is read, that the checkpoint's world size and
-every layout match this run; otherwise every rank raises an error naming both
-layouts and the reshard command (a checkpoint is tied to its shard layout).
+FSDP1 reshapes optimizer state like its params, so there each rank's state goes under a
+rank-unique key (`microadam_rank{R}`) with its flat range and layout beside it; the same
+reader loads rank-keyed checkpoints that older versions wrote for FSDP2 and DDP.
 """
 
 from __future__ import annotations
@@ -313,21 +305,65 @@ def _mismatch(meta: dict, saved: dict | None, infos: list[ShardInfo], optimizer:
 
 # -- save / load a whole training state -----------------------------------------------
 
+def _is_fsdp1(optimizer: torch.optim.Optimizer) -> bool:
+    return any(getattr(p, "_fsdp_flattened", False) for g in optimizer.param_groups for p in g["params"])
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict | None = None) -> None:
-    """Save model (sharded, torch's `get_model_state_dict`), optimizer and a JSON-able
-    `extra` dict to the DCP directory `path`. Collective: call on every rank.
-
-    MicroAdam state goes through `optimizer_state_dict` (every rank's own); any other
-    optimizer through torch's `get_optimizer_state_dict`.
-    """
+    """Save {"model": get_model_state_dict, "optim": get_optimizer_state_dict, "extra": the
+    JSON of `extra`} to the DCP directory `path`: torch's stock form, which every framework's
+    loader reads. MicroAdam under FSDP1: the rank-keyed form (`optimizer_state_dict`).
+    Collective: call on every rank."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    optim = (optimizer_state_dict(model, optimizer) if isinstance(optimizer, MicroAdam)
+    optim = (optimizer_state_dict(model, optimizer) if isinstance(optimizer, MicroAdam) and _is_fsdp1(optimizer)
              else get_optimizer_state_dict(model, optimizer))
     sd = {"model": get_model_state_dict(model), "optim": optim, "extra": json.dumps(extra or {})}
     dcp.save(sd, checkpoint_id=os.fspath(path))
+
+
+def check_shards(path: str | os.PathLike, model: torch.nn.Module, optimizer: MicroAdam,
+                 key: str = "optim") -> None:
+    """Raise ValueError, naming both shard counts and the reshard command, if a stock-form
+    MicroAdam state under `key` of DCP checkpoint `path` was saved for another number of
+    shards than this run's. Reads only the metadata, which every rank reads alike, so every
+    rank raises the same error without a collective."""
+    import torch.distributed.checkpoint as dcp
+    from .. import sharded_state
+
+    stored = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    for info, (p, group) in zip(shard_infos(model, optimizer), params):
+        meta = stored.get(f"{key}.state.{info.fqn}.{sharded_state.SHARDS_KEY}")
+        geo = sharded_state.geometry(p)
+        saved = int(meta.size[1]) - 1 if meta is not None and len(getattr(meta, "size", ())) == 2 else None
+        if meta is None and geo is None:
+            continue
+        if meta is None and f"{key}.state.{info.fqn}.layout" not in stored:
+            continue  # no state saved for this param (never stepped)
+        now = geo.shards if geo is not None else 1
+        if saved != now:
+            was = f"{saved} shard(s)" if saved is not None else "an unsharded param"
+            here = f"{now} shard(s)" if geo is not None else "an unsharded param"
+            raise ValueError(f"MicroAdam checkpoint {os.fspath(path)}: {info.fqn!r} was saved for {was}; "
+                             f"this run holds {here}. A MicroAdam state is tied to its sharding: load it "
+                             f"at the world size it was saved with, or {RESHARD_HINT}")
+        if geo is None:
+            continue
+        # Same shards: the window and block sizes (m, density, block sizes) must match too,
+        # or DCP would stop at a size mismatch; the padded sizes tell them apart.
+        need = _expected_layout(info, group)
+        for k, size in sharded_state.padded_sizes(need, geo.max_numel).items():
+            have = stored.get(f"{key}.state.{info.fqn}.{k}")
+            if have is not None and tuple(have.size) != (now * size,):
+                raise ValueError(
+                    f"MicroAdam checkpoint {os.fspath(path)}: state {k!r} of {info.fqn!r} holds "
+                    f"{tuple(have.size)} elements, but this run's layout [{need.describe()}] over {now} "
+                    f"shard(s) needs ({now * size},): it was saved with another m, density or block "
+                    f"size. Build the optimizer with the saved hyper-parameters, or {RESHARD_HINT}; "
+                    "its --set KEY=VALUE changes m, density or the block sizes")
 
 
 def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: MicroAdam,
@@ -367,8 +403,10 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict:
     """Load what `save_checkpoint` wrote into `model` and `optimizer`; returns `extra`.
 
-    For MicroAdam, `check_checkpoint` runs first, so a checkpoint of another world size
-    or layout is refused before any tensor is read. Collective: call on every rank.
+    The stock form through torch's get_* templates, `dcp.load` and set_*, after
+    `check_shards`; the rank-keyed form (FSDP1, older FSDP2 / DDP checkpoints) after
+    `check_checkpoint`. Either way a checkpoint of another world size or layout is refused
+    on every rank before any tensor is read. Collective: call on every rank.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -376,8 +414,10 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as stock_set
 
     path = os.fspath(path)
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     sd: dict[str, Any] = {"model": get_model_state_dict(model), "extra": ""}
-    if isinstance(optimizer, MicroAdam):
+    rank_keyed = isinstance(optimizer, MicroAdam) and f"optim.{META_KEY}" in stored
+    if rank_keyed:
         saved = check_checkpoint(path, model, optimizer)
         rank, _ = _rank_world()
         params = {i.fqn: p for i, p in zip(shard_infos(model, optimizer),
@@ -386,11 +426,18 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     for fqn, e in (saved or {"params": {}})["params"].items()}
         template[INFO_KEY] = ""
         sd["optim"] = {META_KEY: "", rank_key(rank): template}
+    elif isinstance(optimizer, MicroAdam) and _is_fsdp1(optimizer):
+        raise ValueError(f"{path} holds no rank-keyed MicroAdam state ('optim.{META_KEY}'), the only "
+                         "form FSDP1 can load: it was not saved by save_checkpoint under FSDP1. Load it "
+                         "with the engine it was saved with (FSDP2's fully_shard or DDP); to move it to "
+                         f"another world size: {RESHARD_HINT}")
     else:
+        if isinstance(optimizer, MicroAdam):
+            check_shards(path, model, optimizer)
         sd["optim"] = get_optimizer_state_dict(model, optimizer)
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(model, sd["model"])
-    if isinstance(optimizer, MicroAdam):
+    if rank_keyed:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
     else:
         stock_set(model, optimizer, sd["optim"])
@@ -398,5 +445,5 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
 
 
 __all__ = ["ShardInfo", "shard_infos", "state_nbytes", "optimizer_state_dict",
-           "set_optimizer_state_dict", "save_checkpoint", "load_checkpoint", "check_checkpoint",
+           "set_optimizer_state_dict", "save_checkpoint", "load_checkpoint", "check_checkpoint", "check_shards",
            "rank_key", "clean_fqn", "META_KEY", "INFO_KEY"]
