@@ -17,7 +17,7 @@ from microadam_dist.checkpoint import dcp as ckdcp
 from microadam_dist.checkpoint import io as ckio
 from microadam_dist.checkpoint.__main__ import main as cli
 from microadam_dist.checkpoint.reshard import ShardState
-from microadam_dist.checkpoint.keys import INFO_KEY, META_KEY, rank_key
+from microadam_dist.layout import Layout
 from test_reshard import assert_smooth_continuation, check_conservation, decode_all, shared_reference
 
 pytestmark = pytest.mark.slow
@@ -50,15 +50,29 @@ def fsdp_reference(run_shared_dir):
 
 
 def shard_states(sd):
-    """fqn -> ([ShardState] of every rank, numel, config dict) from a loaded DCP dict."""
-    optim = sd["optim"]
-    meta = json.loads(optim[META_KEY])
+    """fqn -> ([ShardState] of every shard, numel) from a loaded stock-form DCP dict, read
+    from the checkpoint form's definition (sharded_state.py): S = layout / 7 shards, chunk
+    r of each key is shard r's state (win_idx as bytes), shard r holds rows
+    [r * ceil(rows / S), ...) of the param."""
     out = {}
-    for r in range(meta["world_size"]):
-        info = json.loads(optim[rank_key(r)][INFO_KEY])
-        for fqn, e in info["params"].items():
-            out.setdefault(fqn, ([], e["global_numel"]))[0].append(
-                ShardState(e["flat_offset"], e["local_numel"], optim[rank_key(r)][fqn]))
+    for fqn, st in sd["optim"]["state"].items():
+        full = sd["model"][fqn]
+        shards_n = st["layout"].numel() // 7
+        rows = full.shape[0]
+        row = full.numel() // rows
+        chunk = -(-rows // shards_n)
+        shards = []
+        for r in range(shards_n):
+            lay = Layout.from_tensor(st["layout"][7 * r:7 * r + 7])
+            state = {}
+            for k, (_, shape) in lay.expected_specs().items():
+                flat = st[k].reshape(-1)
+                part = flat[r * (flat.numel() // shards_n):]
+                count = int(np.prod(shape))
+                state[k] = (part[:2 * count].clone().view(torch.int16) if k == "win_idx"
+                            else part[:count].clone()).reshape(shape)
+            shards.append(ShardState(min(rows, r * chunk) * row, lay.n, state))
+        out[fqn] = (shards, full.numel())
     return out
 
 
@@ -70,7 +84,7 @@ def test_fsdp2_reshard_to_1_and_3_then_continue(fsdp_reference, tmp_path, capsys
         dst = tmp_path / f"w{world}"
         assert cli(["reshard", "--src", str(src), "--dst", str(dst), "--world-size", str(world)]) == 0
         sd = ckdcp.load_dcp(str(dst))
-        assert json.loads(sd["optim"][META_KEY])["world_size"] == world
+        assert {st["layout"].numel() for st in sd["optim"]["state"].values()} == {7 * world}
         after = shard_states(sd)
         assert after.keys() == before.keys()
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
