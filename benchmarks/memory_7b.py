@@ -27,15 +27,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
+from examples_import import examples_module
 
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")]
-import common  # noqa: E402  examples/common.py
-from microadam_dist import MicroAdam  # noqa: E402
+from microadam_dist import MicroAdam
+
+common = examples_module("common")  # examples/common.py: checkpoint_layers
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32)
