@@ -79,7 +79,10 @@ def load(src: str | None = None):
         package = types.ModuleType(PACKAGE)  # without its __init__: see the module docstring
         package.__path__ = where
         sys.modules[PACKAGE] = package
-    return importlib.import_module(f"{PACKAGE}.micro_adam.micro_adam").MicroAdam
+    try:
+        return importlib.import_module(f"{PACKAGE}.micro_adam.micro_adam").MicroAdam
+    except ImportError as exc:
+        raise Unavailable(f"importing its micro_adam module failed: {exc}") from exc
 
 
 def make(cls, groups: list, *, lr: float, m: int, density: float, quant_block: int, alpha: float = 0.0,

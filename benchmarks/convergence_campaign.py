@@ -12,7 +12,8 @@ bf16 autocast: four regimes, every run on the same batches and schedule. In each
 
   1. AdamW and our MicroAdam (nearest EF) over the LR grid (--lrs, a factor 2 apart);
   2. ours with stochastic EF at ours' best LR, and the authors' MicroAdam (bf16 regimes;
-     at every grid LR from the well-trained start, at ours' best from the weak one);
+     at every grid LR from the well-trained start, at ours' best from the weak one), and
+     ours with the authors' top-k block (sized by their code to the GPU) at ours' best LR;
   3. alpha (--alphas) at ours' best LR in the weak regimes, where it is meant to help;
   4. where a best LR lies at an edge of its grid, the next LR beyond it (twice at most);
   5. the quality-memory dial (DIAL) at ours' best LR, well-trained start, fp32 weights.
@@ -33,6 +34,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 
 import torch
@@ -114,6 +116,12 @@ def last_fifth_gain(curve: list[dict]) -> float | None:
     return (before[-1] - end) / before[-1] if before else None
 
 
+def their_topk_block(rows: dict[float, dict]) -> int | None:
+    """The authors' top-k block in these rows (recorded per run), if it is one ours can take."""
+    blocks = {r["authors_topk_block"] for r in rows.values() if done(r)}
+    return next((b for b in blocks if b <= 32768), None)
+
+
 def gap(row: dict | None, base: dict | None) -> float | None:
     """Final held-out loss relative to the base row's, minus 1 (0.05: 5% higher)."""
     if not (done(row) and done(base)):
@@ -140,13 +148,10 @@ class Campaign:
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.starts: dict[str, dict] = {}
         self.pace: dict[str, float] = {}
-        dev = self.runner.device
         self.results = {"args": {k: v for k, v in vars(args).items()}, "params": self.n_params,
                         "device": torch.cuda.get_device_name() if self.runner.cuda else "cpu",
                         "torch": torch.__version__, "finetune_corpus": self.cargs.finetune_corpus,
-                        "pretrain_corpus": self.cargs.pretrain_corpus,
-                        "microadam_backend": convergence.select_backend(args.backend, dev)[0],
-                        "starts": {}, "runs": {}}
+                        "pretrain_corpus": self.cargs.pretrain_corpus, "starts": {}, "runs": {}}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -202,8 +207,12 @@ class Campaign:
             row = {"label": convergence.optimizer_spec(name)["label"], "skipped": "deadline"}
         else:
             self.cargs.weights = weights
-            row = convergence.finetune(self.runner, self.model, self.starts[start], name,
-                                       self.args.finetune_steps, lr=lr)
+            try:
+                row = convergence.finetune(self.runner, self.model, self.starts[start], name,
+                                           self.args.finetune_steps, lr=lr)
+            except Exception as exc:  # one failed row (e.g. the authors' kernels) ends no campaign
+                traceback.print_exc()
+                row = {"label": convergence.optimizer_spec(name)["label"], "skipped": f"failed: {exc!r}"[:400]}
             if done(row):
                 self.pace[kind] = row["seconds_per_step"]
                 row["curve"] = [r for r in row["curve"] if "eval_loss" in r or r["step"] % 10 == 0]
@@ -243,6 +252,10 @@ class Campaign:
             if regime[0] == "bf16":
                 for ista_lr in a.lrs if regime[1] == "well" else [lr]:
                     self.run(regime, "ista", ista_lr)
+                if regime[1] == "well":  # ours with the authors' top-k block (theirs is sized to the GPU)
+                    block = their_topk_block(self.grid(regime, "ista"))
+                    if block:
+                        self.run(regime, f"microadam/topk_block={block}", lr)
         for regime in REGIMES:
             if regime[1] == "weak":
                 lr = self.best(regime, "microadam")[0] or a.lrs[len(a.lrs) // 2]
@@ -260,158 +273,25 @@ class Campaign:
             self.run(regime, name, lr)
 
 
-# -- tables and plots ----------------------------------------------------------------------
-
-def tables(camp: Campaign) -> dict:
-    """The regime table, LR sweeps, parity, alpha and dial rows, from the finished runs."""
-    out = {"regimes": [], "sweeps": [], "parity": [], "alpha": [], "dial": []}
-    for regime in REGIMES:
-        w, s = regime
-        lr_a, adamw = camp.best(regime, "adamw")
-        lr_m, ours = camp.best(regime, "microadam")
-        lr_i, ista = camp.best(regime, "ista")
-        sr = camp.grid(regime, "microadam_sr")
-        sr_row = next(iter(sr.values()), None)
-        start = camp.results["starts"].get(s, {})
-        out["regimes"].append({
-            "weights": w, "start": s, "pretrain_steps": start.get("steps"),
-            "start_last_fifth_gain": start.get("last_fifth_gain"),
-            "adamw": adamw and adamw.get("final_eval_loss"), "adamw_lr": lr_a,
-            "microadam": ours and ours.get("final_eval_loss"), "microadam_lr": lr_m,
-            "microadam_sr": sr_row.get("final_eval_loss") if done(sr_row) else None,
-            "microadam_sr_lr": sr_row and sr_row["lr"],
-            "authors": ista.get("final_eval_loss") if done(ista) else None, "authors_lr": lr_i,
-            "gap_microadam": gap(ours, adamw), "gap_microadam_sr": gap(sr_row, adamw), "gap_authors": gap(ista, adamw),
-            "bytes_per_param": {k: r["state_bytes_per_param"] for k, r in
-                                (("adamw", adamw), ("microadam", ours), ("authors", ista)) if done(r)}})
-        for name in ("adamw", "microadam"):
-            rows = camp.grid(regime, name)
-            lrs = sorted(lr for lr, r in rows.items() if done(r))
-            best = best_lr(rows)
-            out["sweeps"].append({"weights": w, "start": s, "optimizer": name,
-                                  "losses": {f"{lr:g}": rows[lr]["final_eval_loss"] for lr in lrs},
-                                  "best_lr": best, "best_at_edge": best in (lrs[0], lrs[-1]) if len(lrs) > 2 else None})
-        for lr, row in sorted(camp.grid(regime, "ista").items()):
-            ours_at = camp.grid(regime, "microadam").get(lr)
-            if done(row) and done(ours_at):
-                out["parity"].append({"weights": w, "start": s, "lr": lr, "authors": row["final_eval_loss"],
-                                      "microadam": ours_at["final_eval_loss"], "diff": gap(ours_at, row)})
-        for row in camp.results["runs"].values():
-            if (row["weights"], row["start"]) != regime or not done(row):
-                continue
-            if "alpha=" in row["name"]:
-                base = camp.grid(regime, "microadam").get(row["lr"])
-                out["alpha"].append({"weights": w, "start": s, "name": row["name"], "lr": row["lr"],
-                                     "loss": row["final_eval_loss"], "without_alpha": base and base["final_eval_loss"],
-                                     "change": gap(row, base)})
-            if row["name"] in DIAL or (regime == ("fp32", "well") and row["name"] in ("microadam", "microadam_sr")
-                                       and row["lr"] == lr_m):
-                out["dial"].append({"name": row["name"], "label": row["label"], "lr": row["lr"],
-                                    "loss": row["final_eval_loss"], "gap_to_best_adamw": gap(row, adamw),
-                                    "bytes_per_param": row["state_bytes_per_param"]})
-    return out
-
-
-def _f(x, spec=".4f"):
-    return "-" if x is None else format(x, spec)
-
-
-def markdown(camp: Campaign, t: dict) -> str:
-    r = camp.results
-    lines = [f"Fine-tuning a {r['params'] / 1e6:.1f} M byte-level Llama on '{r['finetune_corpus']}' after "
-             f"pre-training on '{r['pretrain_corpus']}'; {r['device']}; {camp.args.finetune_steps} steps of "
-             f"{camp.args.batch}x{camp.args.seq_len} tokens; held-out loss at the end.", "",
-             "| weights | start: pre-train steps (last-fifth gain) | AdamW best (LR) | MicroAdam nearest (LR) "
-             "| MicroAdam stochastic (LR) | authors' MicroAdam (LR) | gap nearest / stochastic / authors' "
-             "| bytes/param AdamW / ours / authors' |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for g in t["regimes"]:
-        b = g["bytes_per_param"]
-        gain = g["start_last_fifth_gain"]
-        lines.append(
-            f"| {g['weights']} | {g['start']}: {g['pretrain_steps']} ({_f(gain and 100 * gain, '.2f')}%) "
-            f"| {_f(g['adamw'])} ({_f(g['adamw_lr'], 'g')}) | {_f(g['microadam'])} ({_f(g['microadam_lr'], 'g')}) "
-            f"| {_f(g['microadam_sr'])} ({_f(g['microadam_sr_lr'], 'g')}) | {_f(g['authors'])} ({_f(g['authors_lr'], 'g')}) "
-            f"| {_f(g['gap_microadam'] and 100 * g['gap_microadam'], '+.1f')}% / "
-            f"{_f(g['gap_microadam_sr'] and 100 * g['gap_microadam_sr'], '+.1f')}% / "
-            f"{_f(g['gap_authors'] and 100 * g['gap_authors'], '+.1f')}% "
-            f"| {_f(b.get('adamw'), '.2f')} / {_f(b.get('microadam'), '.3f')} / {_f(b.get('authors'), '.3f')} |")
-    lines += ["", "| weights | start | optimizer | held-out loss by LR | best LR | best at an edge |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for sw in t["sweeps"]:
-        losses = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in sw["losses"].items())
-        lines.append(f"| {sw['weights']} | {sw['start']} | {sw['optimizer']} | {losses} | {_f(sw['best_lr'], 'g')} "
-                     f"| {sw['best_at_edge']} |")
-    lines += ["", "| parity: weights, start, LR | authors' MicroAdam | ours | ours vs authors' |", "| --- | --- | --- | --- |"]
-    lines += [f"| {p['weights']}, {p['start']}, {p['lr']:g} | {p['authors']:.4f} | {p['microadam']:.4f} "
-              f"| {100 * p['diff']:+.2f}% |" for p in t["parity"]]
-    lines += ["", "| alpha: weights, start, LR | with alpha | without | change |", "| --- | --- | --- | --- |"]
-    lines += [f"| {x['name']}: {x['weights']}, {x['start']}, {x['lr']:g} | {x['loss']:.4f} "
-              f"| {_f(x['without_alpha'])} | {_f(x['change'] and 100 * x['change'], '+.2f')}% |" for x in t["alpha"]]
-    lines += ["", "| dial (fp32 weights, well-trained start) | LR | held-out loss | gap to best AdamW | bytes/param |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {d['label']} | {d['lr']:g} | {d['loss']:.4f} | {_f(d['gap_to_best_adamw'] and 100 * d['gap_to_best_adamw'], '+.1f')}% "
-              f"| {d['bytes_per_param']:.3f} |" for d in sorted(t["dial"], key=lambda d: d["bytes_per_param"])]
-    skipped = [k for k, row in r["runs"].items() if "skipped" in row]
-    if skipped:
-        lines += ["", "Skipped: " + "; ".join(f"{k} ({r['runs'][k]['skipped']})" for k in skipped)]
-    return "\n".join(lines) + "\n"
-
-
-def plots(camp: Campaign, t: dict) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    out = []
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
-    for ax, regime in zip(axes.flat, REGIMES):
-        for i, name in enumerate(("adamw", "microadam", "microadam_sr", "ista")):
-            lr, row = camp.best(regime, name)
-            if done(row):
-                ev = [(0, camp.results["starts"][regime[1]]["eval_loss_on_finetune_corpus"])]
-                ev += [(c["step"], c["eval_loss"]) for c in row["curve"] if "eval_loss" in c]
-                ax.plot(*zip(*ev), color=f"C{i}", marker="o", ms=3, label=f"{row['label']} ({row['final_eval_loss']:.4f})")
-        start = "well-trained" if regime[1] == "well" else "weakly trained"
-        ax.set(title=f"{regime[0]} weights, {start} start", xlabel="step", ylabel="held-out loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.append(os.path.join(camp.args.out, "campaign_regimes.png"))
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
-    if t["dial"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for d in t["dial"]:
-            if d["gap_to_best_adamw"] is not None:
-                ax.scatter(d["bytes_per_param"], 100 * d["gap_to_best_adamw"])
-                ax.annotate(d["label"].replace("MicroAdam ", ""), (d["bytes_per_param"], 100 * d["gap_to_best_adamw"]),
-                            fontsize=7)
-        ax.axhline(2.0, color="gray", ls="--", lw=1)
-        ax.set(xlabel="optimizer state, bytes per parameter", ylabel="held-out loss above best AdamW (%)",
-               title="quality-memory dial (fp32 weights, well-trained start)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out.append(os.path.join(camp.args.out, "campaign_dial.png"))
-        fig.savefig(out[-1], dpi=110)
-        plt.close(fig)
-    return out
-
-
 def main(argv=None) -> dict:
+    import convergence_report  # imports this module's arithmetic
     args = parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         camp = Campaign(args)
-        print(f"model {args.size}: {camp.n_params / 1e6:.1f} M params on {camp.results['device']}; "
-              f"MicroAdam backend {camp.results['microadam_backend']}", flush=True)
+        print(f"model {args.size}: {camp.n_params / 1e6:.1f} M params on {camp.results['device']}", flush=True)
         camp.plan()
-        camp.results["tables"] = t = tables(camp)
+        # Asked after the runs: on a GPU the first ask waits for the kernels' build, which the
+        # AdamW runs overlap (convergence_campaign.sh starts it beside this process).
+        camp.results["microadam_backend"] = convergence.select_backend(args.backend, camp.runner.device)[0]
+        camp.results["tables"] = t = convergence_report.tables(camp)
         camp.results["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:400] for w in caught})
     camp.save()
-    md = markdown(camp, t)
+    md = convergence_report.markdown(camp, t)
     with open(os.path.join(args.out, "campaign.md"), "w") as f:
         f.write(md)
     print("\n" + md)
-    for path in plots(camp, t):
+    for path in convergence_report.plots(camp, t):
         print("plot:", path)
     print(f"done in {camp.elapsed():.0f} s")
     return camp.results

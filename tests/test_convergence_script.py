@@ -151,3 +151,10 @@ def test_tiny_campaign_writes_the_regime_table(tmp_path):
          "--deadline-s", "1", "--out", str(late)], timeout=280, env=env())
     rows = json.loads((late / "campaign.json").read_text())["runs"].values()
     assert rows and all(r.get("skipped") == "deadline" for r in rows)
+
+
+def test_campaign_takes_the_authors_topk_block_where_ours_can():
+    rows = {1e-3: {"final_eval_loss": 1.0, "authors_topk_block": 28672}, 2e-3: {"skipped": "deadline"}}
+    assert campaign.their_topk_block(rows) == 28672
+    assert campaign.their_topk_block({1e-3: {"final_eval_loss": 1.0, "authors_topk_block": 49152}}) is None
+    assert campaign.their_topk_block({}) is None
