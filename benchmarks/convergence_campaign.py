@@ -18,9 +18,12 @@ bf16 autocast: four regimes, every run on the same batches and schedule. In each
   4. where a best LR lies at an edge of its grid, the next LR beyond it (twice at most);
   5. the quality-memory dial (DIAL) at ours' best LR, well-trained start, fp32 weights.
 
+With --deadline-s, the fine-tunes are shortened (fit_steps) where the plan at the
+pre-training's pace would not fit, and a run that would still end past the deadline is
+recorded as skipped.
+
 AdamW goes first, so that the kernel builds started beside this process (the .sh) end
-meanwhile. A run that would end past --deadline-s (from this process's start) is recorded
-as skipped: the campaign ends in time with what it finished. Writes, under --out:
+meanwhile. Writes, under --out:
 campaign.json (every run with its held-out curve, the starts, the tables), campaign.md (the
 tables), campaign_regimes.png (held-out loss per regime) and campaign_dial.png (loss gap
 against optimizer bytes per parameter).
@@ -48,6 +51,8 @@ REGIMES = (("bf16", "well"), ("fp32", "well"), ("fp32", "weak"), ("bf16", "weak"
 DIAL = ("microadam/quant_block=64", "microadam/density=0.02", "microadam/m=20", "microadam/density=0.05")
 # Seconds per step before a kind has run, as multiples of the pre-training's (AdamW, fp32).
 PACE_GUESS = {"adamw": 1.0, "microadam": 1.3, "microadam_sr": 1.3, "ista": 2.0}
+# Runs of the plan by kind, two LR-edge steps included (fit_steps sizes the fine-tunes for them).
+PLANNED = {"adamw": 14, "microadam": 12 + 2 + 1 + 3 + len(DIAL), "microadam_sr": 4, "ista": 4}
 TINY = dict(size="tiny", batch=4, seq_len=64, pretrain_steps=40, pretrain_cap=60, weak_steps=8,
             finetune_steps=16, eval_every=8, eval_windows=8, max_tokens=300_000, lrs="1e-3,2e-3,4e-3",
             alphas="0.1")
@@ -60,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--pretrain-steps", type=int, default=2000, help="the well-trained start's cosine schedule")
-    ap.add_argument("--pretrain-cap", type=int, default=3000, help="its steps at most, the tail included")
+    ap.add_argument("--pretrain-cap", type=int, default=4000, help="its steps at most, the tail included")
     ap.add_argument("--weak-steps", type=int, default=300, help="the weakly trained start's schedule")
     ap.add_argument("--finetune-steps", type=int, default=400)
     ap.add_argument("--lrs", default="5e-4,1e-3,2e-3", help="the fine-tuning LR grid, every optimizer")
@@ -114,6 +119,15 @@ def last_fifth_gain(curve: list[dict]) -> float | None:
     end_step, end = ev[-1]
     before = [loss for step, loss in ev if step <= 0.8 * end_step]
     return (before[-1] - end) / before[-1] if before else None
+
+
+def fitted_steps(steps: int, eval_every: int, seconds: float, pace: float, floor: int = 100) -> int:
+    """Fine-tuning steps for the PLANNED runs to fit in `seconds` at `pace` seconds per
+    pre-training step (PACE_GUESS per kind, 10% for evaluations): `steps` where they fit,
+    else fewer, a multiple of eval_every, but not below `floor` (nor above `steps`)."""
+    per_step = sum(n * PACE_GUESS[k] * pace * 1.1 for k, n in PLANNED.items())
+    fit = int(seconds / per_step) // eval_every * eval_every
+    return min(steps, max(floor, fit))
 
 
 def their_topk_block(rows: dict[float, dict]) -> int | None:
@@ -238,10 +252,21 @@ class Campaign:
         lr = best_lr(rows)
         return lr, rows.get(lr)
 
+    def fit_steps(self) -> None:
+        """With a deadline: fewer fine-tuning steps where the plan would not fit (fitted_steps)."""
+        a = self.args
+        if not a.deadline_s:
+            return
+        steps = fitted_steps(a.finetune_steps, a.eval_every, a.deadline_s - self.elapsed(), self.pace["pretrain"])
+        if steps != a.finetune_steps:
+            print(f"fine-tuning steps {a.finetune_steps} -> {steps}: the plan fits before the deadline", flush=True)
+        self.results["finetune_steps"] = a.finetune_steps = steps
+
     def plan(self) -> None:
         a = self.args
         self.pretrain("well")
         self.pretrain("weak")
+        self.fit_steps()
         for name in ("adamw", "microadam"):
             for regime in REGIMES:
                 for lr in a.lrs:

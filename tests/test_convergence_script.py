@@ -158,3 +158,12 @@ def test_campaign_takes_the_authors_topk_block_where_ours_can():
     assert campaign.their_topk_block(rows) == 28672
     assert campaign.their_topk_block({1e-3: {"final_eval_loss": 1.0, "authors_topk_block": 49152}}) is None
     assert campaign.their_topk_block({}) is None
+
+
+def test_campaign_fits_its_fine_tunes_before_the_deadline():
+    runs = sum(n * campaign.PACE_GUESS[k] for k, n in campaign.PLANNED.items()) * 1.1  # step-equivalents
+    assert campaign.fitted_steps(400, 50, seconds=1e6, pace=0.02) == 400
+    steps = campaign.fitted_steps(400, 50, seconds=300, pace=0.02)
+    assert steps % 50 == 0 and 100 <= steps < 400 and steps * runs * 0.02 <= 300 < (steps + 50) * runs * 0.02
+    assert campaign.fitted_steps(400, 50, seconds=1, pace=0.02) == 100  # never below the floor
+    assert campaign.fitted_steps(16, 8, seconds=-5, pace=1.0) == 16  # nor above what was asked
