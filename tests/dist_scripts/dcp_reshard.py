@@ -1,0 +1,154 @@
+"""Worker for tests/test_dcp_reshard.py: the offline reshard tool on checkpoints in torch's
+stock form (get_optimizer_state_dict + dcp.save), run as
+`torchrun --nproc_per_node 3 dcp_reshard.py --out DIR` (gloo, CPU).
+
+  same: a 2-rank checkpoint (ranks 0-1 on a sub-mesh) resharded to 2 ranks and loaded
+      through the stock calls: the state after the load and every later step are bitwise
+      those of the uninterrupted run.
+  2to3 (through the CLI) and 3to2 (through reshard_dcp): loaded through the stock calls at
+      the new size; each rank's state equals `reshard_tensor` of the source shards for the
+      rank's own range (offsets from torch.chunk of the rows), and training continues.
+Each rank writes OUT/reshard_rank<R>.json: {scenario: result}.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+from dcp_stock import STEPS_AFTER, STEPS_BEFORE, build, differences, guarded, load, save, snapshot, train_step
+from microadam_dist.checkpoint.dcp import reshard_dcp
+from microadam_dist.checkpoint.reshard import ShardState, reshard_tensor
+from microadam_dist.config import MicroAdamConfig
+from microadam_dist.optim import local_tensor
+from microadam_dist.teardown import finish
+
+ROWS = 65  # uneven over 2 and 3 ranks; the 1-row last layer leaves empty shards
+
+
+def rows_range(shape, world: int, rank: int) -> tuple[int, int]:
+    """(flat offset, numel) of `rank` when torch.chunk splits dim 0 in `world` chunks."""
+    rows = shape[0]
+    row = int(torch.Size(shape[1:]).numel())
+    chunk = -(-rows // world)
+    lo, hi = min(rows, rank * chunk), min(rows, (rank + 1) * chunk)
+    return lo * row, (hi - lo) * row
+
+
+def dump_shards(model, opt, world: int, rank: int, path: str) -> None:
+    """This rank's live state per param with its flat range: the source shards of the oracle."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {names[id(p)]: (rows_range(list(p.shape), world, rank), {k: v.clone() for k, v in st.items()})
+           for p, st in opt.state.items()}
+    torch.save(out, path)
+
+
+def oracle_diffs(model, opt, src_files: list, world: int, rank: int) -> list:
+    """Keys where this rank's loaded state differs from reshard_tensor of the source shards."""
+    sources = [torch.load(f, weights_only=True) for f in src_files]
+    diffs = []
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        shards = [ShardState(off, n, st) for src in sources for (off, n), st in [src[name]]]
+        cfg = MicroAdamConfig(**{k: v for k, v in groups[id(p)].items() if k in MicroAdamConfig.field_names()})
+        ranges = [rows_range(list(p.shape), world, r) for r in range(world)]
+        want_range, want = ranges[rank], reshard_tensor(shards, p.numel(), ranges, cfg)[0][rank]
+        have = opt.state[p]
+        if want_range[1] == 0:  # an empty shard: no state to move, layout n=0
+            if int(have["layout"][1]) != 0 or have["ef"].numel():
+                diffs.append(f"{name}.empty")
+            continue
+        if local_tensor(p).numel() != want_range[1]:
+            diffs.append(f"{name}.range")
+        for k, v in want.items():
+            if have[k].dtype != v.dtype or have[k].shape != v.shape or not torch.equal(have[k].cpu(), v.cpu()):
+                diffs.append(f"{name}.{k}")
+    return diffs
+
+
+def continue_steps(model, opt, rank: int) -> dict:
+    for s in range(STEPS_AFTER):
+        train_step(model, opt, STEPS_BEFORE + s, rank, salt=3)
+    return {"steps": sorted({int(st["step"]) for st in opt.state.values() if st["ef"].numel()}),
+            "finite": all(bool(torch.isfinite(local_tensor(p).float()).all()) for p in model.parameters())}
+
+
+def run(rank: int, world: int, tmp: str) -> dict:
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    full = init_device_mesh("cpu", (world,))
+    sub, sub_group = DeviceMesh("cpu", [0, 1]), dist.new_group([0, 1])
+    ck2, ck3 = os.path.join(tmp, "ck2"), os.path.join(tmp, "ck3")
+    out: dict = {}
+    # The 2-rank source and its uninterrupted continuation.
+    if rank < 2:
+        model, opt = build("fp32", sub, ROWS, seed=0)
+        for s in range(STEPS_BEFORE):
+            train_step(model, opt, s, rank)
+        saved = snapshot(model, opt)
+        save("dcp", model, opt, ck2, rank, group=sub_group)
+        dump_shards(model, opt, 2, rank, os.path.join(tmp, f"src2_{rank}.pt"))
+        reference = []
+        for s in range(STEPS_AFTER):
+            train_step(model, opt, STEPS_BEFORE + s, rank)
+            reference.append(snapshot(model, opt))
+    # The 3-rank source.
+    model, opt = build("fp32", full, ROWS, seed=2)
+    for s in range(STEPS_BEFORE):
+        train_step(model, opt, s, rank, salt=1)
+    save("dcp", model, opt, ck3, rank)
+    dump_shards(model, opt, 3, rank, os.path.join(tmp, f"src3_{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        reshard_dcp(ck2, os.path.join(tmp, "ck2to2"), 2)
+        reshard_dcp(ck3, os.path.join(tmp, "ck3to2"), 2)
+        cli = subprocess.run([sys.executable, "-m", "microadam_dist.checkpoint", "reshard", "--src", ck2,
+                              "--dst", os.path.join(tmp, "ck2to3"), "--world-size", "3"],
+                             capture_output=True, text=True, timeout=120)
+        out["cli"] = {"rc": cli.returncode, "stdout": cli.stdout[-2000:], "stderr": cli.stderr[-2000:]}
+    dist.barrier()
+    if rank < 2:
+        model_b, opt_b = build("fp32", sub, ROWS, seed=1)
+        train_step(model_b, opt_b, 0, rank, salt=7)
+        load("dcp", model_b, opt_b, os.path.join(tmp, "ck2to2"), rank, sub_group)
+        same = {"after_load": differences(saved, snapshot(model_b, opt_b)), "after_steps": []}
+        for s in range(STEPS_AFTER):
+            train_step(model_b, opt_b, STEPS_BEFORE + s, rank)
+            same["after_steps"].append(differences(reference[s], snapshot(model_b, opt_b)))
+        out["same"] = same
+        model_c, opt_c = build("fp32", sub, ROWS, seed=1)
+        load("dcp", model_c, opt_c, os.path.join(tmp, "ck3to2"), rank, sub_group)
+        out["3to2"] = {"oracle_diffs": oracle_diffs(model_c, opt_c, [os.path.join(tmp, f"src3_{r}.pt")
+                                                                     for r in range(3)], 2, rank),
+                       **continue_steps(model_c, opt_c, rank)}
+    dist.barrier()
+    model_d, opt_d = build("fp32", full, ROWS, seed=1)
+    load("dcp", model_d, opt_d, os.path.join(tmp, "ck2to3"), rank)
+    out["2to3"] = {"oracle_diffs": oracle_diffs(model_d, opt_d, [os.path.join(tmp, f"src2_{r}.pt")
+                                                                 for r in range(2)], 3, rank),
+                   **continue_steps(model_d, opt_d, rank)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp = os.path.join(args.out, "ckpt_reshard")
+    results = {"reshard": guarded(run, rank, world, tmp)}
+    with open(os.path.join(args.out, f"reshard_rank{rank}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The offline reshard tool on FSDP2 checkpoints in torch's stock form (what
+get_optimizer_state_dict + dcp.save, Accelerate, Lightning and torchtitan write).
+
+One 3-rank launch of tests/dist_scripts/dcp_reshard.py (gloo, CPU). Oracles: the
+uninterrupted run (2 -> 2 resumes bitwise on every rank) and `reshard_tensor` of the source
+shards for each rank's own range (2 -> 3 through the CLI, 3 -> 2 through reshard_dcp, both
+loaded through torch's stock calls).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "dist_scripts", "dcp_reshard.py")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dcp_reshard")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+           SCRIPT, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    res = [json.load(open(out / f"reshard_rank{r}.json"))["reshard"] for r in range(3)]
+    for r, one in enumerate(res):
+        assert one["ok"], f"rank {r}: {one['error']}\n{one['trace']}"
+    return res
+
+
+def test_same_world_size_resumes_bitwise_on_every_rank(results):
+    for rank in (0, 1):
+        same = results[rank]["same"]
+        assert same["after_load"] == [], (rank, same["after_load"])
+        assert len(same["after_steps"]) == 3
+        for step, diffs in enumerate(same["after_steps"]):
+            assert diffs == [], (rank, step, diffs)
+
+
+@pytest.mark.parametrize("move,ranks", [("2to3", (0, 1, 2)), ("3to2", (0, 1))])
+def test_other_world_size_equals_reshard_tensor_and_continues(results, move, ranks):
+    for rank in ranks:
+        res = results[rank][move]
+        assert res["oracle_diffs"] == [], (move, rank, res["oracle_diffs"])
+        # Saved after 5 steps, then 3 more: every non-empty shard is at step 8.
+        assert res["steps"] == [8] and res["finite"], (move, rank, res)
+
+
+def test_cli_reshards_a_stock_checkpoint(results):
+    cli = results[0]["cli"]
+    assert cli["rc"] == 0, cli["stderr"]
+    report = json.loads(cli["stdout"].strip().splitlines()[-1])
+    assert report["ok"] and report["dst"].endswith("ck2to3")
+    assert report["entries_in"] == report["entries_kept"] + report["entries_folded"] > 0
