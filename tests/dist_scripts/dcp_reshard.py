@@ -12,21 +12,19 @@ Each rank writes OUT/reshard_rank<R>.json: {scenario: result}.
 """
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
 
-from dcp_stock import STEPS_AFTER, STEPS_BEFORE, build, differences, guarded, load, save, snapshot, train_step
+from dcp_stock import (STEPS_AFTER, STEPS_BEFORE, build, differences, guarded, load, save, snapshot, train_step,
+                       write_and_finish)
 from microadam_dist.checkpoint.dcp import reshard_dcp
 from microadam_dist.checkpoint.reshard import ShardState, reshard_tensor
 from microadam_dist.config import MicroAdamConfig
 from microadam_dist.optim import local_tensor
-from microadam_dist.teardown import finish
 
 ROWS = 65  # uneven over 2 and 3 ranks; the 1-row last layer leaves empty shards
 
@@ -141,13 +139,8 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = os.path.join(args.out, "ckpt_reshard")
-    results = {"reshard": guarded(run, rank, world, tmp)}
-    with open(os.path.join(args.out, f"reshard_rank{rank}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    finish()
+    write_and_finish({"reshard": guarded(run, rank, world, tmp)},
+                     os.path.join(args.out, f"reshard_rank{rank}.json"), rank, tmp)
 
 
 if __name__ == "__main__":

@@ -313,7 +313,12 @@ def main() -> None:
             results["other_m"] = expect_failure(load, "dcp", model_b, opt_b, os.path.join(tmp, "other_m"), rank)
         else:
             results["cross_world"] = guarded(cross_world, rank, world, tmp)
-    with open(os.path.join(args.out, f"{args.phase}_rank{rank}.json"), "w") as f:
+    write_and_finish(results, os.path.join(args.out, f"{args.phase}_rank{rank}.json"), rank, tmp)
+
+
+def write_and_finish(results: dict, path: str, rank: int, tmp: str) -> None:
+    """Write this rank's results, wait for every rank, drop the checkpoints, tear down."""
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
     dist.barrier()
     if rank == 0:
