@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from typing import Callable
@@ -39,12 +38,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+import authors_microadam
+from examples_import import examples_module
+from microadam_dist import MicroAdam
+from microadam_dist.ops import select_backend
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]  # runs from a plain checkout, not installed
-import authors_microadam  # noqa: E402
-import common  # noqa: E402
-from microadam_dist import MicroAdam  # noqa: E402
-from microadam_dist.ops import select_backend  # noqa: E402
+common = examples_module("common")
 
 OPTIMIZERS = {
     "adamw": dict(),

@@ -35,17 +35,17 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 import traceback
 import warnings
 
 import torch
 
+import convergence
+from examples_import import examples_module
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import convergence  # noqa: E402  (puts the repository and examples/ on the path)
-import common  # noqa: E402
+common = examples_module("common")
 
 REGIMES = (("bf16", "well"), ("fp32", "well"), ("fp32", "weak"), ("bf16", "weak"))
 DIAL = ("microadam/quant_block=64", "microadam/density=0.02", "microadam/m=20", "microadam/density=0.05")

@@ -9,7 +9,9 @@
 # campaign.log, build_ours.log, build_authors.log.
 set -o pipefail
 OUT=${OUT:-/tmp/convergence_campaign}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-8} TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
+# The package from this checkout (a bare GPU machine has it installed nowhere).
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-8}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 start=$(date +%s)
 SRC=/tmp/ista_src
 rm -rf "$SRC" && mkdir -p "$SRC"
