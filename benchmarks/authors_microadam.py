@@ -66,8 +66,21 @@ def build_extensions(src: str | None) -> None:
             raise Unavailable(f"building {name} failed: {str(exc).strip().splitlines()[-1:]}") from exc
 
 
+_failed: list[str] = []  # why load() failed once: a later call fails at once (no second build)
+
+
 def load(src: str | None = None):
     """The authors' MicroAdam class (see the module docstring)."""
+    if _failed:
+        raise Unavailable(_failed[0])
+    try:
+        return _load(src)
+    except Unavailable as exc:
+        _failed.append(str(exc))
+        raise
+
+
+def _load(src: str | None):
     build_extensions(src)
     for name in ("wandb", "gpustat"):
         stand_in(name)
