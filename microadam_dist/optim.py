@@ -16,21 +16,13 @@ import torch
 from .config import MicroAdamConfig, normalize_kwargs
 from .layout import Layout
 from . import sharded_state
+from .sharded_state import _PLAIN, local_tensor
 from .ops import ShardJob, StepHyper, finite_flags, select_backend
 
 RESHARD_HINT = ("to move a checkpoint to another world size or sharding, run "
                 "`python -m microadam_dist.checkpoint reshard --src OLD --dst NEW --world-size N` "
                 "(docs/checkpoints.md)")
 
-
-# Types that are never DTensors: step() takes them as they are, without a local_tensor call.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 class MicroAdam(torch.optim.Optimizer):
@@ -327,6 +319,11 @@ class MicroAdam(torch.optim.Optimizer):
         self.__dict__.setdefault("_layouts", {})
         self.__dict__.setdefault("nonfinite_skips", 0)
         self.__dict__.setdefault("_backward", None)
+        # Groups loaded from a state dict (or a pickle) written before a hyper-parameter
+        # existed lack its key; its default is what that run used (alpha = 0: off).
+        for group in [self.defaults, *self.param_groups]:
+            for key, value in MicroAdamConfig().as_dict().items():
+                group.setdefault(key, value)
 
     # -- step_in_backward ---------------------------------------------------------------
     def accumulate(self) -> contextlib.AbstractContextManager:
@@ -401,7 +398,7 @@ class MicroAdam(torch.optim.Optimizer):
             if len(sg["params"]) != len(g["params"]):
                 raise ValueError(f"param_groups[{gi}] holds {len(sg['params'])} params in the state "
                                  f"dict and {len(g['params'])} in the optimizer")
-            merged = dict(g)
+            merged = {**g, **MicroAdamConfig().as_dict()}  # a missing key loads as its default
             merged.update({k: v for k, v in sg.items() if k != "params"})
             config = self._group_config(merged, gi)
             for pi, (key, p) in enumerate(zip(sg["params"], g["params"])):

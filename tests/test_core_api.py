@@ -144,6 +144,39 @@ def test_state_dict_round_trip_resumes_bitwise(seed, rounding):
                 assert torch.equal(oa.state[p][k], ob.state[q][k]), k
 
 
+def test_a_state_dict_without_alpha_resumes_bitwise_with_alpha_off(seed):
+    """A state dict written before `alpha` existed has no 'alpha' in its groups: such a run
+    used none, so it resumes with alpha = 0 even in an optimizer built with another alpha."""
+    grads = [[torch.randn(s) for s in [(300, 7), (1001,), (5,)]] for _ in range(10)]
+    pa, oa = _model_and_opt(seed, backend="reference")
+    for t in range(5):
+        for p, g in zip(pa, grads[t]):
+            p.grad = g.clone()
+        oa.step()
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in pa], "opt": oa.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    for group in saved["opt"]["param_groups"]:
+        del group["alpha"]
+    pb, ob = _model_and_opt(seed + 1, backend="reference", alpha=0.5)
+    with torch.no_grad():
+        for p, v in zip(pb, saved["params"]):
+            p.copy_(v)
+    ob.load_state_dict(saved["opt"])
+    for t in range(5, 10):
+        for p, q, g in zip(pa, pb, grads[t]):
+            p.grad, q.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert ob.param_groups[0]["alpha"] == 0.0
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+        assert oa.state[p].keys() == ob.state[q].keys()
+        for k in oa.state[p]:
+            assert torch.equal(oa.state[p][k], ob.state[q][k]), k
+
+
 def test_loading_another_layout_is_refused_and_changes_nothing(seed):
     src = torch.nn.Parameter(torch.randn(1000))
     o1 = MicroAdam([src], topk_block=128, quant_block=64)
