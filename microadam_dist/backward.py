@@ -40,7 +40,7 @@ import torch
 
 from .config import _check_real
 from .ops import finite_flags
-from .optim import _PLAIN, local_tensor
+from .sharded_state import _PLAIN, local_tensor
 
 DDP_REFUSAL = (
     "MicroAdam(step_in_backward=True) cannot train a DistributedDataParallel model: DDP "

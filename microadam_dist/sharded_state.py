@@ -42,6 +42,14 @@ import torch
 from .layout import STATE_KEYS, Layout
 
 SHARDS_KEY = "shards"
+# Types that are never DTensors: step() takes them as they are, without a local_tensor call.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP2), else the tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 class Geometry(NamedTuple):
@@ -143,10 +151,6 @@ def export_state(state: dict, geo: Geometry, device: torch.device) -> dict[str, 
     return out
 
 
-def _local_part(value: Any) -> torch.Tensor:
-    return value.to_local() if is_dtensor(value) else value
-
-
 def check_state(entry: dict, p: torch.Tensor, expected: Layout, name: str, hint: str) -> None:
     """Raise ValueError unless `entry` (a saved state of param `p`, either form) fits the
     layout this run needs; names the param, both layouts and `hint` (the reshard command)."""
@@ -157,7 +161,7 @@ def import_state(entry: dict, p: torch.Tensor, expected: Layout, name: str, hint
     """A saved state of param `p` (either form) as plain local tensors (layout.py), copied
     onto the param's device (step and layout on the CPU), after `check_state`'s checks."""
     parts = _validated(entry, p, expected, name, hint)
-    device = _local_part(p).device
+    device = local_tensor(p).device
     specs = expected.expected_specs()
     out: dict[str, Any] = {}
     for key, local in parts.items():
@@ -218,10 +222,10 @@ def _validated_sharded(entry: dict, p: torch.Tensor, expected: Layout, name: str
     saved_shards = guard.shape[1] - 1 if guard is not None else layout_t.numel() // 7
     shards = geo.shards if geo is not None else 1
     max_numel = geo.max_numel if geo is not None else p.numel()
-    if (saved_shards != shards or layout_t.numel() != 7 * shards or _local_part(layout_t).numel() != 7
-            or (guard is not None and tuple(_local_part(guard).shape) != (1, shards + 1))):
+    if (saved_shards != shards or layout_t.numel() != 7 * shards or local_tensor(layout_t).numel() != 7
+            or (guard is not None and tuple(local_tensor(guard).shape) != (1, shards + 1))):
         _refuse_sharding(saved_shards, is_dtensor(layout_t), geo, name, expected, hint)
-    have = Layout.from_tensor(_local_part(layout_t).cpu())
+    have = Layout.from_tensor(local_tensor(layout_t).cpu())
     where = f" (shard {geo.index} of {shards})" if geo is not None and shards > 1 else ""
     if have != expected:
         raise ValueError(f"MicroAdam state of {name}{where} was saved with layout [{have.describe()}] "
@@ -236,7 +240,7 @@ def _validated_sharded(entry: dict, p: torch.Tensor, expected: Layout, name: str
             got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"MicroAdam state {key!r} of {name} is {got}, expected {dtype} "
                              f"({shards * sizes[key]},) for {shards} shard(s): corrupt checkpoint")
-        local = _local_part(t)
+        local = local_tensor(t)
         if local.numel() != sizes[key]:
             raise ValueError(f"MicroAdam state {key!r} of {name}: this rank's chunk holds {local.numel()} "
                              f"elements, expected {sizes[key]}: corrupt checkpoint")
@@ -255,4 +259,4 @@ def _refuse_sharding(saved: int, sharded: bool, geo: Geometry | None, name: str,
                      f"sharding: load it at the world size and mesh it was saved with, or {hint}")
 
 
-__all__ = ["SHARDS_KEY", "Geometry", "geometry", "padded_sizes", "padded_local", "export_state", "check_state", "import_state", "is_dtensor"]
+__all__ = ["SHARDS_KEY", "local_tensor", "Geometry", "geometry", "padded_sizes", "padded_local", "export_state", "check_state", "import_state", "is_dtensor"]
