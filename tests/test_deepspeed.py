@@ -212,6 +212,35 @@ def test_checkpoint_resume_is_bitwise(runs):
             assert t["group_numel"] == WORLD * t["numel"]
 
 
+def test_zero_to_fp32_exports_the_saved_weights(runs, tmp_path):
+    """DeepSpeed's exporter, called as users call it, on the 2-rank bf16 checkpoints of
+    scenario_resume: its fp32 weights are bitwise DeepSpeed's own gathered fp32 master at
+    the save (safe_get_full_fp32_param), and round to the module's bf16 weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    shapes = dict(model_params())
+    for stage in (1, 2, 3):
+        res = runs["ranks"][0]["resume"][stage]
+        master, module = res["fp32_at_save"], res["module_at_save"]
+        ckpt = runs["out"] / "ckpt" / f"stage{stage}"
+        exports = {"function": get_fp32_state_dict_from_zero_checkpoint(str(ckpt))}
+        if stage in (2, 3):
+            # The copy DeepSpeed puts beside the checkpoint, run from inside that folder.
+            out = tmp_path / f"fp32_stage{stage}"
+            proc = subprocess.run([sys.executable, "zero_to_fp32.py", ".", str(out)], cwd=ckpt,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            exports["script"] = torch.load(out / "pytorch_model.bin", weights_only=True)
+        for how, sd in exports.items():
+            label = f"ZeRO-{stage} {how}"
+            assert sd.keys() == shapes.keys(), label
+            for n, w in sd.items():
+                assert master[n] is not None and master[n].dtype == torch.float32, label
+                assert w.dtype == torch.float32 and w.shape == shapes[n], f"{label} {n}"
+                assert torch.equal(w, master[n].reshape(shapes[n])), f"{label} {n}: export != fp32 master"
+                assert torch.equal(w.bfloat16().float(), module[n].reshape(shapes[n])), f"{label} {n}"
+
+
 def test_other_stage_or_world_size_is_refused_before_anything_moves(runs):
     refuse = runs["ranks"][0]["refuse"]
     for name, (src, dst) in {"3<-2": (2, 3), "0<-1": (1, 0)}.items():

@@ -6,7 +6,8 @@ Imports DeepSpeed before microadam_dist (the other worker does the opposite), tr
 the tiny model under ZeRO 0-3 and writes `OUT_DIR/rank{r}.pt` with what it saw:
   train[(stage, dtype)]: losses, lr, partition metadata, state sizes, params before/after
   equiv[stage]: per step, the flat partitions and grads handed to MicroAdam (pre/post step)
-  resume[stage]: bitwise comparison of an interrupted+resumed run with an uninterrupted one
+  resume[stage]: bitwise comparison of an interrupted+resumed run with an uninterrupted one,
+    and the weights at the save (DeepSpeed's gathered fp32 master, the module's own dtype)
   refuse[name]: the error of loading a checkpoint of another stage, and whether anything moved
   skip[stage]: state/params around a bf16 step that DeepSpeed's overflow check skips
 """
@@ -19,6 +20,7 @@ import sys
 
 import deepspeed  # noqa: I001  (first on purpose: the patch must apply to a loaded DeepSpeed)
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import microadam_dist  # noqa: E402,F401
@@ -117,6 +119,10 @@ def scenario_resume(seed: int, rank: int, ckpt_root: str) -> dict:
         train_steps(a, seed, range(2), rank)
         a.save_checkpoint(path, tag="t2")
         at_save = snapshot(a)
+        # What the exporter must reproduce, gathered by DeepSpeed into fresh tensors (collectives:
+        # every rank calls; None where no fp32 master exists).
+        fp32_at_save = {n: safe_get_full_fp32_param(p) for n, p in a.module.named_parameters()}
+        module_at_save = full_params(a)
         losses_a = train_steps(a, seed, range(2, 4), rank)
         end_a = snapshot(a)
         done(a)
@@ -128,7 +134,8 @@ def scenario_resume(seed: int, rank: int, ckpt_root: str) -> dict:
         res[stage] = {"loaded": load_path is not None, "load_equal": same(at_save, after_load),
                       "end_equal": same(end_a, end_b), "losses": (losses_a, losses_b),
                       "steps": (a.global_steps, b.global_steps), "lr": (a.get_lr(), b.get_lr()),
-                      "files": sorted(os.listdir(os.path.join(path, "t2")))}
+                      "files": sorted(os.listdir(os.path.join(path, "t2"))),
+                      "fp32_at_save": fp32_at_save, "module_at_save": module_at_save}
         if stage == 2:
             res["ckpt_state"] = at_save["state"]
         done(b)
