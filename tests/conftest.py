@@ -20,7 +20,7 @@ def seed():
     return s
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def run_shared_dir(tmp_path_factory):
     """A folder shared by the pytest-xdist workers of this run and by no other run (the
     parent of the basetemp is /tmp/pytest-of-USER without xdist: results computed there by
