@@ -165,6 +165,31 @@ def round_trip(path_kind: str, flavour: str, mesh, rows: int, history: int, rank
     return res
 
 
+def legacy_helper_checkpoint(mesh, rank: int, tmp: str) -> dict:
+    """A checkpoint in the rank-keyed form that earlier versions' `save_checkpoint` wrote
+    under FSDP2 still loads through `load_checkpoint` and resumes bitwise."""
+    from microadam_dist.integrations import fsdp as helper
+    ckpt = os.path.join(tmp, "legacy")
+    model, opt = build("fp32", mesh, 65, seed=0)
+    for s in range(STEPS_BEFORE):
+        train_step(model, opt, s, rank)
+    saved = snapshot(model, opt)
+    dcp.save({"model": get_model_state_dict(model), "optim": helper.optimizer_state_dict(model, opt),
+              "extra": json.dumps({"step": STEPS_BEFORE})}, checkpoint_id=ckpt)
+    reference = []
+    for s in range(STEPS_AFTER):
+        train_step(model, opt, STEPS_BEFORE + s, rank)
+        reference.append(snapshot(model, opt))
+    model_b, opt_b = build("fp32", mesh, 65, seed=1)
+    extra = helper.load_checkpoint(ckpt, model_b, opt_b)
+    res = {"after_save": [], "after_load": differences(saved, snapshot(model_b, opt_b)), "after_steps": [],
+           "extra": extra, "local_numels": [local_tensor(p).numel() for p in model_b.parameters()]}
+    for s in range(STEPS_AFTER):
+        train_step(model_b, opt_b, STEPS_BEFORE + s, rank)
+        res["after_steps"].append(differences(reference[s], snapshot(model_b, opt_b)))
+    return res
+
+
 def guarded(fn, *args, **kwargs) -> dict:
     try:
         return {"ok": True, **fn(*args, **kwargs)}
@@ -305,6 +330,7 @@ def main() -> None:
         if args.phase == "main":
             results["init_state_call"] = guarded(init_state_call, mesh, rank)
             results["fsdp1"] = guarded(fsdp1_checks, rank, tmp)
+            results["legacy/fp32/65/helper"] = guarded(legacy_helper_checkpoint, mesh, rank, tmp)
             # Another m than the checkpoint's: refused.
             model, opt = build("fp32", mesh, 64, seed=0)
             train_step(model, opt, 0, rank)
