@@ -458,3 +458,44 @@ def test_nonfinite_check_with_an_empty_local_gradient(seed):
     after = full.detach().clone()
     opt.step()
     assert opt.nonfinite_skips == 1 and torch.equal(full.detach(), after)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_torch_init_optim_state_only_allocates(seed):
+    """torch.distributed.checkpoint's `_init_optim_state` (run by get/set_optimizer_state_dict
+    on an optimizer with no state): zero gradients, lr 0, one step(). The state must appear
+    with step 0, a zero window and zero EF, params untouched, lr restored; the next real step
+    must equal a fresh optimizer's first step."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(37, 11), (300,), (5,)]
+    params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    hyper = dict(lr=3e-3, m=3, density=0.1, topk_block=64, quant_block=32, backend="reference")
+    opt = MicroAdam([{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}], **hyper)
+    fresh = MicroAdam([{"params": twins[:2]}, {"params": twins[2:], "lr": 1e-2}], **hyper)
+    before = [p.detach().clone() for p in params]
+    _init_optim_state(opt)
+    assert [grp["lr"] for grp in opt.param_groups] == [3e-3, 1e-2]
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and all(p.grad is None for p in params)
+    assert len(opt.state) == 3
+    for p in params:
+        st = opt.state[p]
+        assert int(st["step"]) == 0
+        assert not st["win_idx"].any() and not st["win_val"].any() and not st["ef"].any()
+        assert Layout.from_tensor(st["layout"]) == Layout.for_numel(p.numel(), MicroAdamConfig(**{
+            k: v for k, v in hyper.items() if k != "backend"}))
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    for ps, o in ((params, opt), (twins, fresh)):
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        o.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+        assert all(torch.equal(v, fresh.state[q][k]) for k, v in opt.state[p].items())
+    # A real first step with lr 0 but a non-zero gradient is a step (it counts).
+    p = torch.randn(8, requires_grad=True)
+    o = MicroAdam([p], lr=0.0, m=2, density=0.5, topk_block=8, quant_block=8, backend="reference")
+    p.grad = torch.randn(8, generator=g)
+    o.step()
+    assert int(o.state[p]["step"]) == 1 and o.state[p]["win_val"].any()

@@ -35,7 +35,7 @@ from microadam_dist.teardown import finish
 
 HYPER = dict(lr=2e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, m=3, density=0.1,
              topk_block=64, quant_block=32)
-STEPS_BEFORE, STEPS_AFTER = 5, 3
+STEPS_BEFORE, STEPS_AFTER = 5, 4
 PATHS = ("dcp", "dcp_offload", "flat", "async", "full_bcast", "full_all")
 
 
