@@ -114,67 +114,62 @@ def _model_and_opt(seed, **kw):
     return params, MicroAdam(params, lr=1e-2, m=4, density=0.05, topk_block=256, quant_block=100, **kw)
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_state_dict_round_trip_resumes_bitwise(seed, rounding):
-    grads = [[torch.randn(s) for s in [(300, 7), (1001,), (5,)]] for _ in range(12)]
-    pa, oa = _model_and_opt(seed, ef_rounding=rounding)
-    for t in range(6):
+def _run_and_save(seed, grads, steps, **kw):
+    """A run of `steps` steps on `grads`, and its params and state dict as read back from a file."""
+    pa, oa = _model_and_opt(seed, **kw)
+    for t in range(steps):
         for p, g in zip(pa, grads[t]):
             p.grad = g.clone()
         oa.step()
     buf = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in pa], "opt": oa.state_dict()}, buf)
     buf.seek(0)
-    saved = torch.load(buf)
-    pb, ob = _model_and_opt(seed + 1, ef_rounding=rounding)
+    return pa, oa, torch.load(buf)
+
+
+def _resumed(seed, saved, **kw):
+    """Another run (other initial params) that loads the saved params and state dict."""
+    pb, ob = _model_and_opt(seed, **kw)
     with torch.no_grad():
         for p, v in zip(pb, saved["params"]):
             p.copy_(v)
     ob.load_state_dict(saved["opt"])
+    return pb, ob
+
+
+def _step_both_and_compare(grads, pa, oa, pb, ob):
+    for p, q, g in zip(pa, pb, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    oa.step()
+    ob.step()
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+        assert oa.state[p].keys() == ob.state[q].keys()
+        for k in oa.state[p]:
+            assert torch.equal(oa.state[p][k], ob.state[q][k]), k
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_state_dict_round_trip_resumes_bitwise(seed, rounding):
+    grads = [[torch.randn(s) for s in [(300, 7), (1001,), (5,)]] for _ in range(12)]
+    pa, oa, saved = _run_and_save(seed, grads, 6, ef_rounding=rounding)
+    pb, ob = _resumed(seed + 1, saved, ef_rounding=rounding)
     assert ob.state[pb[0]]["ef_min"].dtype == torch.float32
     for t in range(6, 12):
-        for p, q, g in zip(pa, pb, grads[t]):
-            p.grad, q.grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-        for p, q in zip(pa, pb):
-            assert torch.equal(p, q)
-            assert oa.state[p].keys() == ob.state[q].keys()
-            for k in oa.state[p]:
-                assert torch.equal(oa.state[p][k], ob.state[q][k]), k
+        _step_both_and_compare(grads[t], pa, oa, pb, ob)
 
 
 def test_a_state_dict_without_alpha_resumes_bitwise_with_alpha_off(seed):
     """A state dict written before `alpha` existed has no 'alpha' in its groups: such a run
     used none, so it resumes with alpha = 0 even in an optimizer built with another alpha."""
     grads = [[torch.randn(s) for s in [(300, 7), (1001,), (5,)]] for _ in range(10)]
-    pa, oa = _model_and_opt(seed, backend="reference")
-    for t in range(5):
-        for p, g in zip(pa, grads[t]):
-            p.grad = g.clone()
-        oa.step()
-    buf = io.BytesIO()
-    torch.save({"params": [p.detach().clone() for p in pa], "opt": oa.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf)
+    pa, oa, saved = _run_and_save(seed, grads, 5, backend="reference")
     for group in saved["opt"]["param_groups"]:
         del group["alpha"]
-    pb, ob = _model_and_opt(seed + 1, backend="reference", alpha=0.5)
-    with torch.no_grad():
-        for p, v in zip(pb, saved["params"]):
-            p.copy_(v)
-    ob.load_state_dict(saved["opt"])
+    pb, ob = _resumed(seed + 1, saved, backend="reference", alpha=0.5)
     for t in range(5, 10):
-        for p, q, g in zip(pa, pb, grads[t]):
-            p.grad, q.grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-    assert ob.param_groups[0]["alpha"] == 0.0
-    for p, q in zip(pa, pb):
-        assert torch.equal(p, q)
-        assert oa.state[p].keys() == ob.state[q].keys()
-        for k in oa.state[p]:
-            assert torch.equal(oa.state[p][k], ob.state[q][k]), k
+        _step_both_and_compare(grads[t], pa, oa, pb, ob)
+    assert [group["alpha"] for group in ob.param_groups] == [0.0]
 
 
 def test_loading_another_layout_is_refused_and_changes_nothing(seed):
