@@ -14,6 +14,9 @@ import sys
 
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts"))
+from dcp_stock import STEPS_AFTER, STEPS_BEFORE  # noqa: E402  the worker's step counts
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +41,7 @@ def test_same_world_size_resumes_bitwise_on_every_rank(results):
     for rank in (0, 1):
         same = results[rank]["same"]
         assert same["after_load"] == [], (rank, same["after_load"])
-        assert len(same["after_steps"]) == 3
+        assert len(same["after_steps"]) == STEPS_AFTER
         for step, diffs in enumerate(same["after_steps"]):
             assert diffs == [], (rank, step, diffs)
 
@@ -48,8 +51,8 @@ def test_other_world_size_equals_reshard_tensor_and_continues(results, move, ran
     for rank in ranks:
         res = results[rank][move]
         assert res["oracle_diffs"] == [], (move, rank, res["oracle_diffs"])
-        # Saved after 5 steps, then 3 more: every non-empty shard is at step 8.
-        assert res["steps"] == [8] and res["finite"], (move, rank, res)
+        # Saved after STEPS_BEFORE steps, then STEPS_AFTER more on every non-empty shard.
+        assert res["steps"] == [STEPS_BEFORE + STEPS_AFTER] and res["finite"], (move, rank, res)
 
 
 def test_cli_reshards_a_stock_checkpoint(results):
