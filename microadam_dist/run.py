@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 -m microadam_dist.run train.py ...
 
 The script runs as if started directly (`__name__ == "__main__"`, `sys.argv[0]` is
-the script, its folder first on `sys.path`), after `"type": "MicroAdam"` has been
+the script, `sys.path` as `python script.py` sets it), after `"type": "MicroAdam"` has been
 made valid for DeepSpeed. Launchers that pass `--local_rank=N` before the script
 (the deepspeed launcher does) have it moved behind the script's name, where a
 directly launched script would have received it.
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"-m needs a module name\n{USAGE}")
         module, args = rest[1], rest[2:]
         sys.argv = [module] + forwarded + args  # runpy replaces argv[0] with the module's path
-        if sys.path and sys.path[0] != "":
-            sys.path.insert(0, os.getcwd())  # `python -m` puts the working directory first
+        # sys.path is already what `python -m MODULE` gives: this wrapper was started with -m.
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         _finish()
         return
@@ -66,8 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(script):
         raise SystemExit(f"microadam_dist.run: no such script: {script!r}\n{USAGE}")
     sys.argv = [script] + forwarded + args
-    # `python script.py` puts the script's folder first on sys.path; `-m microadam_dist.run` put the cwd there.
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    if not getattr(sys.flags, "safe_path", False):
+        # The one entry `python script.py` itself differs by: CPython puts the script's folder
+        # (symlinks resolved) where `-m microadam_dist.run` put the working directory (neither
+        # under -P), and runpy.run_path leaves sys.path alone. Scripts import siblings through it.
+        sys.path[0] = os.path.dirname(os.path.realpath(script))
     runpy.run_path(script, run_name="__main__")
     _finish()
 

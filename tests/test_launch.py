@@ -66,20 +66,29 @@ def ds_json(tmp_path, stage: int = 2, **over) -> str:
 PROBE = textwrap.dedent("""
     import json, sys
     from microadam_dist.integrations import deepspeed as d
-    print(json.dumps({"argv": sys.argv, "name": __name__, "path0": sys.path[0],
+    print(json.dumps({"argv": sys.argv, "name": __name__, "path": sys.path,
                       "hooked": d._finder in sys.meta_path or d.is_registered()}))
 """)
 
 
 def test_run_script_as_main(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
-    out = run([sys.executable, "-m", "microadam_dist.run", "--local_rank=3", str(script), "a", "--b", "c"],
-              env=env())
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    real, other = tmp_path / "real", tmp_path / "other"
+    real.mkdir()
+    other.mkdir()
+    (real / "probe.py").write_text(PROBE)
+    script = other / "probe.py"  # a symlink: `python script.py` puts the target's folder on sys.path
+    script.symlink_to(real / "probe.py")
+
+    def probe(*cmd: str) -> dict:
+        return json.loads(run([sys.executable, *cmd], env=env()).stdout.strip().splitlines()[-1])
+
+    got = probe("-m", "microadam_dist.run", "--local_rank=3", str(script), "a", "--b", "c")
     # deepspeed's launcher puts --local_rank before the script; a direct launch would see it first in args.
     assert got["argv"] == [str(script), "--local_rank=3", "a", "--b", "c"]
-    assert got["name"] == "__main__" and got["path0"] == str(tmp_path) and got["hooked"]
+    assert got["name"] == "__main__" and got["hooked"]
+    # Python itself is the oracle for the search path, also under -P (no script folder at all).
+    assert got["path"] == probe(str(script))["path"] and got["path"][0] == str(real)
+    assert probe("-P", "-m", "microadam_dist.run", str(script))["path"] == probe("-P", str(script))["path"]
 
 
 def test_run_module_and_errors(tmp_path):

@@ -8,16 +8,12 @@ Writes {"step", "loss"} lines to --loss-file (rank 0, appended).
 """
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import microadam_dist  # noqa: E402,F401  (registers "type": "MicroAdam")
-from microadam_dist.teardown import finish  # noqa: E402
-import ckpt_task  # noqa: E402  (this folder is sys.path[0])
+import microadam_dist  # noqa: F401  (registers "type": "MicroAdam")
+from microadam_dist.teardown import finish
+import ckpt_task  # this folder is sys.path[0]
 
 HYPER = {**ckpt_task.HYPER, "backend": "reference"}
 BATCH, build_model, batch = ckpt_task.BATCH, ckpt_task.build_model, ckpt_task.batch

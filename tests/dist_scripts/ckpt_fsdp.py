@@ -8,19 +8,15 @@ Writes {"step", "loss"} lines to --loss-file (rank 0, appended).
 """
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from microadam_dist import MicroAdam  # noqa: E402
-from microadam_dist.checkpoint.reshard import even_ranges  # noqa: E402
-from microadam_dist.integrations import fsdp  # noqa: E402
-from microadam_dist.teardown import finish  # noqa: E402
-import ckpt_task  # noqa: E402  (this folder is sys.path[0])
+from microadam_dist import MicroAdam
+from microadam_dist.checkpoint.reshard import even_ranges
+from microadam_dist.integrations import fsdp
+from microadam_dist.teardown import finish
+import ckpt_task  # this folder is sys.path[0]
 
 HYPER = ckpt_task.HYPER
 BATCH, build_model, batch = ckpt_task.BATCH, ckpt_task.build_model, ckpt_task.batch

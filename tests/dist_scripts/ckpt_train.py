@@ -20,13 +20,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from microadam_dist import MicroAdam, MicroAdamConfig  # noqa: E402
-from microadam_dist.checkpoint import io as ckio  # noqa: E402
-from microadam_dist.checkpoint import sharded  # noqa: E402
-from microadam_dist.checkpoint.reshard import even_ranges  # noqa: E402
-from microadam_dist.teardown import finish  # noqa: E402
+from microadam_dist import MicroAdam, MicroAdamConfig
+from microadam_dist.checkpoint import io as ckio
+from microadam_dist.checkpoint import sharded
+from microadam_dist.checkpoint.reshard import even_ranges
+from microadam_dist.teardown import finish
 
 HYPER = dict(lr=1e-2, m=4, density=0.1, topk_block=64, quant_block=48, weight_decay=0.01)
 BATCH = 96

@@ -19,7 +19,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import microadam_dist  # noqa: E402,F401  (before deepspeed on purpose)
 
 LOADED_BY_IMPORT = "deepspeed" in sys.modules

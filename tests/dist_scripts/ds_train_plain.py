@@ -14,8 +14,7 @@ import deepspeed
 import deepspeed.ops
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ds_common import batch, make_model, param_groups  # noqa: E402
+from ds_common import batch, make_model, param_groups  # its folder is sys.path[0], as for any script
 
 
 def main() -> None:

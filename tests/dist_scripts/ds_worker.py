@@ -22,11 +22,10 @@ import deepspeed  # noqa: I001  (first on purpose: the patch must apply to a loa
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import microadam_dist  # noqa: E402,F401
-from microadam_dist.integrations import ds_partitions  # noqa: E402
-from microadam_dist.teardown import finish  # noqa: E402
-from ds_common import (batch, ds_config, init_gloo, full_params, make_model, optimizer_tensors, param_groups,  # noqa: E402
+import microadam_dist  # noqa: F401
+from microadam_dist.integrations import ds_partitions
+from microadam_dist.teardown import finish
+from ds_common import (batch, ds_config, init_gloo, full_params, make_model, optimizer_tensors, param_groups,
                        rank_env, same, snapshot, train_steps)
 
 
