@@ -11,22 +11,17 @@ compares its own params and MicroAdam state, bitwise, after the load and after e
 step. A framework that is not installed is skipped (requirements/cpu.txt installs them all).
 """
 
-import fcntl
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+import launching
 from microadam_dist.layout import STATE_KEYS
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "dist_scripts", "clients.py")
 RANKS = 2
 MODULES = {"torchtune": "torchtune", "fabric": "lightning_fabric", "accelerate": "accelerate",
            "trainer": "transformers"}
@@ -47,25 +42,16 @@ def _installed(framework: str) -> bool:
 
 @pytest.fixture(scope="module")
 def results(run_shared_dir):
-    """The launch, once per pytest run; under xdist the first worker to take the lock runs it."""
-    out = run_shared_dir / "clients_out"
-    with open(run_shared_dir / "clients.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (out / "done").exists():
-                out.mkdir(exist_ok=True)
-                only = [f for f in MODULES if _installed(f)]
-                if only:
-                    env = dict(os.environ, OMP_NUM_THREADS="1",
-                               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={RANKS}", SCRIPT, "--out", str(out), "--only", *only]
-                    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-                    shutil.rmtree(out / "ckpt_clients", ignore_errors=True)
-                    assert proc.returncode == 0, f"clients.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-                (out / "done").write_text("ok")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """The launch, once per pytest run."""
+    def launch(out):
+        only = [f for f in MODULES if _installed(f)]
+        if only:
+            try:
+                launching.torchrun("clients.py", RANKS, ["--out", str(out), "--only", *only])
+            finally:
+                shutil.rmtree(out / "ckpt_clients", ignore_errors=True)
+
+    out = launching.once(run_shared_dir, "clients", launch)
     if not (out / "clients_rank0.json").exists():
         return [{} for _ in range(RANKS)]
     return [json.load(open(out / f"clients_rank{r}.json")) for r in range(RANKS)]

@@ -10,41 +10,24 @@ run: every rank compares its own params and state, bitwise, after the load and a
 later step.
 """
 
-import fcntl
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+import launching
+
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "dist_scripts", "dcp_stock.py")
 PHASES = {"main": 2, "three": 3, "hsdp": 4}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Each launch once per pytest run; under xdist the first worker to take the lock runs them."""
-    root = (tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER")
-            else tmp_path_factory.mktemp("dcp_stock"))
-    out = root / "dcp_stock_out"
-    with open(root / "dcp_stock.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (out / "done").exists():
-                out.mkdir(exist_ok=True)
-                env = dict(os.environ, OMP_NUM_THREADS="1")
-                for phase, nproc in PHASES.items():
-                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", SCRIPT, "--phase", phase, "--out", str(out)]
-                    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-                    assert proc.returncode == 0, f"{phase} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-                (out / "done").write_text("ok")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def results(run_shared_dir):
+    def launch(out):
+        for phase, nproc in PHASES.items():
+            launching.torchrun("dcp_stock.py", nproc, ["--phase", phase, "--out", str(out)])
+
+    out = launching.once(run_shared_dir, "dcp_stock", launch)
     return {phase: [json.load(open(out / f"{phase}_rank{r}.json")) for r in range(n)]
             for phase, n in PHASES.items()}
 
