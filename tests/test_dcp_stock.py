@@ -71,6 +71,16 @@ def test_hsdp_replicas_agree(results):
         assert numels[0] == numels[2] and numels[1] == numels[3] and numels[0] != numels[1]
 
 
+@pytest.mark.parametrize("phase,shards", [("main", 2), ("three", 3), ("hsdp", 2)])
+def test_state_is_stored_like_its_param(results, phase, shards):
+    """DCP stores the state in as many chunks as the param: one per shard (sharded where the
+    param is sharded), once per replica group (replicated where it is replicated)."""
+    for res in results[phase]:
+        for key, one in res.items():
+            if key.startswith("dcp/"):
+                assert one["chunks"] == {k: shards for k in one["chunks"]}, (phase, key, one["chunks"])
+
+
 def test_init_optim_state_call_creates_state_without_stepping(results):
     for rank, res in enumerate(results["main"]):
         call = res["init_state_call"]

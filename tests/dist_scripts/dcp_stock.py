@@ -134,6 +134,14 @@ def load(path_kind: str, model, opt, ckpt: str, rank: int, group=None) -> None:
     set_optimizer_state_dict(model, opt, sd["optim"], options=opts)
 
 
+def stored_chunks(ckpt: str) -> dict:
+    """How many chunks DCP stored for the first weight and its MicroAdam state: one per
+    shard, written once however many replicas hold it."""
+    md = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    return {key: len(md[key].chunks) for key in ("model.0.weight", "optim.state.0.weight.ef",
+                                                 "optim.state.0.weight.win_val", "optim.state.0.weight.step")}
+
+
 def round_trip(path_kind: str, flavour: str, mesh, rows: int, history: int, rank: int, tmp: str) -> dict:
     """The scenario of the module docstring; returns what the test asserts."""
     ckpt = os.path.join(tmp, f"{path_kind}-{flavour}-{rows}-{history}")
@@ -143,6 +151,7 @@ def round_trip(path_kind: str, flavour: str, mesh, rows: int, history: int, rank
     saved = snapshot(model, opt)
     save(path_kind, model, opt, ckpt, rank)
     after_save = differences(saved, snapshot(model, opt))  # saving must not touch anything
+    chunks = stored_chunks(ckpt) if path_kind == "dcp" else {}
     reference = []
     for s in range(STEPS_AFTER):
         train_step(model, opt, STEPS_BEFORE + s, rank)
@@ -158,6 +167,7 @@ def round_trip(path_kind: str, flavour: str, mesh, rows: int, history: int, rank
         train_step(model_b, opt_b, STEPS_BEFORE + s, rank)
         res["after_steps"].append(differences(reference[s], snapshot(model_b, opt_b)))
     res["state_entries"] = len(opt_b.state)
+    res["chunks"] = chunks
     res["local_numels"] = [local_tensor(p).numel() for p in model_b.parameters()]
     dist.barrier()
     if rank == 0:
