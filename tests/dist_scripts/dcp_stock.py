@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from fsdp_common import shard_linears
 from microadam_dist import MicroAdam
 from microadam_dist.optim import local_tensor
 from microadam_dist.teardown import finish
@@ -48,16 +49,7 @@ def make_model(rows: int, seed: int) -> torch.nn.Module:
 
 
 def build(flavour: str, mesh, rows: int, seed: int, **over):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    model = make_model(rows, seed)
-    if flavour == "bf16":
-        model = model.to(torch.bfloat16)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if flavour == "mp" else MixedPrecisionPolicy())
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model = shard_linears(make_model(rows, seed), mesh, flavour)
     hyper = dict(HYPER, **over)
     # Two param groups (weights, biases), as trainers build them for weight decay.
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]

@@ -19,6 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from fsdp_common import shard_linears
 from microadam_dist import MicroAdam, state_bytes
 from microadam_dist.integrations import fsdp
 from microadam_dist.teardown import finish
@@ -26,6 +27,7 @@ from microadam_dist.teardown import finish
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, m=3, density=0.1,
              topk_block=64, quant_block=32)
 KINDS = ("fsdp2", "fsdp2_mp", "fsdp2_bf16", "fsdp1_flat", "fsdp1_orig", "ddp")
+FSDP2_PRECISION = {"fsdp2": "fp32", "fsdp2_mp": "mp", "fsdp2_bf16": "bf16"}
 STEPS_BEFORE, STEPS_AFTER = 4, 3
 
 
@@ -38,16 +40,8 @@ def make_model(rows: int = 33, seed: int = 0, outputs: int = 5) -> torch.nn.Modu
 
 def wrap(kind: str, model: torch.nn.Module, mesh):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if kind.startswith("fsdp2"):
-        if kind == "fsdp2_bf16":
-            model = model.to(torch.bfloat16)
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if kind == "fsdp2_mp" else MixedPrecisionPolicy())
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh, mp_policy=mp)
-        return fully_shard(model, mesh=mesh, mp_policy=mp)
+    if kind in FSDP2_PRECISION:
+        return shard_linears(model, mesh, FSDP2_PRECISION[kind])
     if kind == "fsdp1_flat":  # one FlatParameter per Linear (nested units)
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         return FSDP(model, use_orig_params=False, device_id=torch.device("cpu"),
