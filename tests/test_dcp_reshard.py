@@ -4,7 +4,8 @@ get_optimizer_state_dict + dcp.save, Accelerate, Lightning and torchtitan write)
 One 3-rank launch of tests/dist_scripts/dcp_reshard.py (gloo, CPU). Oracles: the
 uninterrupted run (2 -> 2 resumes bitwise on every rank) and `reshard_tensor` of the source
 shards for each rank's own range (2 -> 3 through the CLI, 3 -> 2 through reshard_dcp, both
-loaded through torch's stock calls).
+loaded through torch's stock calls; 2 -> 3 of the optimizer-only layout Accelerate's own save
+functions write, through the CLI with --model-src).
 """
 
 import json
@@ -61,3 +62,22 @@ def test_cli_reshards_a_stock_checkpoint(results):
     report = json.loads(cli["stdout"].strip().splitlines()[-1])
     assert report["ok"] and report["dst"].endswith("ck2to3")
     assert report["entries_in"] == report["entries_kept"] + report["entries_folded"] > 0
+
+
+def test_cli_reshards_accelerates_optimizer_only_layout(results):
+    cli = results[0]["accelerate_cli"]
+    # The layout under test: the optimizer alone in one DCP dir, the model in another.
+    assert cli["optim_keys"] == ["optimizer"] and cli["model_keys"] == ["model"], cli
+    assert cli["rc"] == 0, cli["stderr"]
+    report = json.loads(cli["stdout"].strip().splitlines()[-1])
+    assert report["ok"] and report["entries_in"] == report["entries_kept"] + report["entries_folded"] > 0
+    for rank in (0, 1, 2):
+        res = results[rank]["accelerate"]
+        assert res["oracle_diffs"] == [], (rank, res["oracle_diffs"])
+        assert res["steps"] == [STEPS_BEFORE + STEPS_AFTER] and res["finite"], (rank, res)
+
+
+def test_model_src_with_a_src_that_is_not_dcp_is_refused(results):
+    cli = results[0]["model_src_refused"]
+    assert cli["rc"] != 0 and not cli["dst_written"], cli
+    assert "--model-src" in cli["stderr"] and "ck2.pt is a file" in cli["stderr"], cli["stderr"]

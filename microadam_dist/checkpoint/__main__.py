@@ -62,6 +62,20 @@ def _check_sharded(src: str) -> None:
             "(microadam_dist.checkpoint.sharded.save_sharded)")
 
 
+def _check_model_src(src: str, model_src: str) -> None:
+    """--model-src only serves a DCP --src (the optimizer alone, as Accelerate saves it):
+    refuse it elsewhere rather than ignore it."""
+    if not is_dcp(src):
+        kind = ("a DeepSpeed checkpoint" if is_deepspeed(src) else "a file" if os.path.isfile(src)
+                else "a directory without DCP's .metadata" if os.path.isdir(src) else "missing")
+        raise SystemExit(f"--model-src {model_src}: only read with an FSDP DCP checkpoint as --src (a "
+                         f"directory holding DCP's .metadata, such as Accelerate's optimizer_0); --src "
+                         f"{src} is {kind}: drop --model-src or point --src at the DCP optimizer directory")
+    if not is_dcp(model_src):
+        raise SystemExit(f"--model-src {model_src}: not a DCP checkpoint (no .metadata); expected the "
+                         "DCP directory holding the model (Accelerate's pytorch_model_fsdp_0)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m microadam_dist.checkpoint",
                                  description="Reshard, consolidate, split or verify MicroAdam checkpoints.")
@@ -100,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 verify_file(args.path)
                 print(json.dumps({"ok": True}))
             return 0
+        if getattr(args, "model_src", None) is not None:
+            _check_model_src(args.src, args.model_src)
         if args.cmd == "reshard" and is_deepspeed(args.src):
             if args.set:
                 raise SystemExit("--set is not supported for DeepSpeed checkpoints: DeepSpeed takes the "

@@ -8,20 +8,31 @@ stock form (get_optimizer_state_dict + dcp.save), run as
   2to3 (through the CLI) and 3to2 (through reshard_dcp): loaded through the stock calls at
       the new size; each rank's state equals `reshard_tensor` of the source shards for the
       rank's own range (offsets from torch.chunk of the rows), and training continues.
+  accelerate: the 2-rank state saved by Accelerate's own save_fsdp_model / save_fsdp_optimizer
+      (the optimizer alone in optimizer_0, the model in pytorch_model_fsdp_0), resharded to
+      3 by the CLI with --model-src, loaded as Accelerate's FSDP2 resume loads it: the same
+      oracle. model_src_refused: --model-src with a --src that is not DCP is refused.
 Each rank writes OUT/reshard_rank<R>.json: {scenario: result}.
 """
 
 import argparse
+import contextlib
+import io
 import os
 import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from dcp_stock import (STEPS_AFTER, STEPS_BEFORE, build, differences, guarded, load, save, snapshot, train_step,
                        write_and_finish)
-from microadam_dist.checkpoint.dcp import reshard_dcp
+from microadam_dist.checkpoint.__main__ import main as checkpoint_cli
+from microadam_dist.checkpoint.dcp import consolidate_dcp, reshard_dcp
 from microadam_dist.checkpoint.reshard import ShardState, reshard_tensor
 from microadam_dist.config import MicroAdamConfig
 from microadam_dist.optim import local_tensor
@@ -69,6 +80,64 @@ def oracle_diffs(model, opt, src_files: list, world: int, rank: int) -> list:
     return diffs
 
 
+def accelerate_dirs(out_dir: str) -> tuple[str, str]:
+    """(model dir, optimizer dir) that Accelerate's save_state writes under `out_dir`."""
+    from accelerate.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME
+    return os.path.join(out_dir, f"{FSDP_MODEL_NAME}_0"), os.path.join(out_dir, f"{OPTIMIZER_NAME}_0")
+
+
+def accelerate_save(model, opt, out_dir: str) -> None:
+    """What Accelerator.save_state does under FSDP2 with SHARDED_STATE_DICT: Accelerate's own
+    save functions, which read the plugin alone on that path (no Accelerator needed; its
+    logger needs the PartialState). They dcp.save on the default group: rank 2 joins
+    through `join_saves`."""
+    from accelerate import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import save_fsdp_model, save_fsdp_optimizer
+    PartialState(cpu=True)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    save_fsdp_model(plugin, None, model, out_dir)
+    save_fsdp_optimizer(plugin, None, opt, model, out_dir)
+
+
+def join_saves(out_dir: str) -> None:
+    """A rank outside the saving sub-mesh takes part in `accelerate_save`'s two dcp.save
+    collectives with nothing to write."""
+    for path in accelerate_dirs(out_dir):
+        os.makedirs(path, exist_ok=True)
+        dcp.save({}, storage_writer=dcp.FileSystemWriter(path))
+
+
+def accelerate_load(model, opt, model_dir: str, optim_dir: str) -> None:
+    """Accelerate's FSDP2 resume (load_fsdp_model / load_fsdp_optimizer) through the stock
+    calls it makes, with the options its plugin gives them."""
+    opts = StateDictOptions(cpu_offload=True)
+    msd = {"model": get_model_state_dict(model, options=opts)}
+    dcp.load(msd, storage_reader=dcp.FileSystemReader(model_dir))
+    set_model_state_dict(model, msd["model"], options=opts)
+    osd = {"optimizer": get_optimizer_state_dict(model, opt, options=opts)}
+    dcp.load(osd, storage_reader=dcp.FileSystemReader(optim_dir))
+    set_optimizer_state_dict(model, opt, osd["optimizer"], options=opts)
+
+
+def stored_keys(path: str) -> list:
+    """The top-level keys of a DCP checkpoint's stored tensors and objects."""
+    return sorted({k.split(".")[0] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata})
+
+
+def run_cli(*argv: str) -> dict:
+    """The checkpoint CLI, run in this process: exit status and what it printed (a refusal
+    raises SystemExit with its message, as python -m prints it)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = checkpoint_cli(list(argv))
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+            print(exc.code, file=err)
+    return {"rc": rc, "stdout": out.getvalue()[-2000:], "stderr": err.getvalue()[-2000:]}
+
+
 def continue_steps(model, opt, rank: int) -> dict:
     for s in range(STEPS_AFTER):
         train_step(model, opt, STEPS_BEFORE + s, rank, salt=3)
@@ -81,6 +150,8 @@ def run(rank: int, world: int, tmp: str) -> dict:
     full = init_device_mesh("cpu", (world,))
     sub, sub_group = DeviceMesh("cpu", [0, 1]), dist.new_group([0, 1])
     ck2, ck3 = os.path.join(tmp, "ck2"), os.path.join(tmp, "ck3")
+    acc = os.path.join(tmp, "accelerate")
+    acc_model, acc_optim = accelerate_dirs(acc)
     out: dict = {}
     # The 2-rank source and its uninterrupted continuation.
     if rank < 2:
@@ -89,11 +160,14 @@ def run(rank: int, world: int, tmp: str) -> dict:
             train_step(model, opt, s, rank)
         saved = snapshot(model, opt)
         save("dcp", model, opt, ck2, rank, group=sub_group)
+        accelerate_save(model, opt, acc)  # the same state: the src2 dumps are its source shards
         dump_shards(model, opt, 2, rank, os.path.join(tmp, f"src2_{rank}.pt"))
         reference = []
         for s in range(STEPS_AFTER):
             train_step(model, opt, STEPS_BEFORE + s, rank)
             reference.append(snapshot(model, opt))
+    else:
+        join_saves(acc)
     # The 3-rank source.
     model, opt = build("fp32", full, ROWS, seed=2)
     for s in range(STEPS_BEFORE):
@@ -108,6 +182,16 @@ def run(rank: int, world: int, tmp: str) -> dict:
                               "--dst", os.path.join(tmp, "ck2to3"), "--world-size", "3"],
                              capture_output=True, text=True, timeout=120)
         out["cli"] = {"rc": cli.returncode, "stdout": cli.stdout[-2000:], "stderr": cli.stderr[-2000:]}
+        out["accelerate_cli"] = dict(run_cli("reshard", "--src", acc_optim, "--dst", os.path.join(tmp, "acc2to3"),
+                                         "--world-size", "3", "--model-src", acc_model),
+                                     model_keys=stored_keys(acc_model), optim_keys=stored_keys(acc_optim))
+        # A consolidated file as --src: resharding it needs no model dir, so --model-src
+        # there is a mistake to report, not to ignore.
+        consolidate_dcp(ck2, os.path.join(tmp, "ck2.pt"))
+        wrong = os.path.join(tmp, "wrong")
+        out["model_src_refused"] = dict(run_cli("reshard", "--src", os.path.join(tmp, "ck2.pt"), "--dst", wrong,
+                                            "--world-size", "3", "--model-src", acc_model),
+                                        dst_written=os.path.exists(wrong))
     dist.barrier()
     if rank < 2:
         model_b, opt_b = build("fp32", sub, ROWS, seed=1)
@@ -129,6 +213,11 @@ def run(rank: int, world: int, tmp: str) -> dict:
     out["2to3"] = {"oracle_diffs": oracle_diffs(model_d, opt_d, [os.path.join(tmp, f"src2_{r}.pt")
                                                                  for r in range(2)], 3, rank),
                    **continue_steps(model_d, opt_d, rank)}
+    model_e, opt_e = build("fp32", full, ROWS, seed=1)
+    accelerate_load(model_e, opt_e, acc_model, os.path.join(tmp, "acc2to3"))
+    out["accelerate"] = {"oracle_diffs": oracle_diffs(model_e, opt_e, [os.path.join(tmp, f"src2_{r}.pt")
+                                                                       for r in range(2)], 3, rank),
+                         **continue_steps(model_e, opt_e, rank)}
     return out
 
 
