@@ -134,10 +134,11 @@ def stored_chunks(ckpt: str) -> dict:
                                                  "optim.state.0.weight.win_val", "optim.state.0.weight.step")}
 
 
-def round_trip(path_kind: str, flavour: str, mesh, rows: int, history: int, rank: int, tmp: str) -> dict:
+def round_trip(path_kind: str, flavour: str, mesh, rows: int, history: int, rank: int, tmp: str,
+               **over) -> dict:
     """The scenario of the module docstring; returns what the test asserts."""
     ckpt = os.path.join(tmp, f"{path_kind}-{flavour}-{rows}-{history}")
-    model, opt = build(flavour, mesh, rows, seed=0)
+    model, opt = build(flavour, mesh, rows, seed=0, **over)
     for s in range(STEPS_BEFORE):
         train_step(model, opt, s, rank)
     saved = snapshot(model, opt)
@@ -149,7 +150,7 @@ def round_trip(path_kind: str, flavour: str, mesh, rows: int, history: int, rank
         train_step(model, opt, STEPS_BEFORE + s, rank)
         reference.append(snapshot(model, opt))
 
-    model_b, opt_b = build(flavour, mesh, rows, seed=1)
+    model_b, opt_b = build(flavour, mesh, rows, seed=1, **over)
     for s in range(history):
         train_step(model_b, opt_b, s, rank, salt=7)
     load(path_kind, model_b, opt_b, ckpt, rank)
@@ -333,6 +334,9 @@ def main() -> None:
             results["init_state_call"] = guarded(init_state_call, mesh, rank)
             results["fsdp1"] = guarded(fsdp1_checks, rank, tmp)
             results["legacy/fp32/65/helper"] = guarded(legacy_helper_checkpoint, mesh, rank, tmp)
+            # Stochastic EF rounding draws from a hash of (step, index): nothing else to save.
+            results["dcp/stochastic/65/3"] = guarded(round_trip, "dcp", "fp32", mesh, 65, 3, rank, tmp,
+                                                     ef_rounding="stochastic")
             # Another m than the checkpoint's: refused.
             model, opt = build("fp32", mesh, 64, seed=0)
             train_step(model, opt, 0, rank)
