@@ -9,9 +9,11 @@
 `reshard` also accepts a consolidated FILE as --src (then it is `split`), and
 `reshard` / `consolidate` accept an FSDP DCP checkpoint: the stock form that torch's
 `get_optimizer_state_dict` + `dcp.save` write (our `integrations.fsdp.save_checkpoint`,
-Accelerate, Lightning, torchtitan; the optimizer under "optim" or "optimizer", the model
-under "model" or, with --model-src, in another DCP dir), or the rank-keyed form of older
-helper checkpoints (FSDP2 or DDP); the output is DCP in the same form, and
+Accelerate, Lightning, torchtitan; the optimizer under "optim" or "optimizer", nested or
+flattened (flatten_optimizer_state_dict=True, as torchtitan saves it), the model under
+"model", at the top level (torchtitan) or, with --model-src, in another DCP dir), or the
+rank-keyed form of older helper checkpoints (FSDP2 or DDP); the output is DCP in the
+same form (keys and layout), and
 `reshard` accepts a DeepSpeed ZeRO-1/2/3 save_dir or tag dir (output: a save_dir
 holding the same tag and `latest`). It prints
 a JSON report: entries kept in the window, folded into the EF, EF blocks copied

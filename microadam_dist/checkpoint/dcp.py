@@ -9,6 +9,9 @@ Two forms are read:
   checkpoint form of sharded_state.py: per key one 1-D tensor of S padded chunks, chunk r
   being shard r's state. A plain param's state is the live form (replicated).
   The output is the stock form again, for M shards: the stock calls load it at M ranks.
+  The flattened variant (`flatten_optimizer_state_dict=True`, as torchtitan saves it: the
+  model's params at the top level, {"state.{fqn}.{key}": tensor, "param_groups.{fqn}.{hyper}":
+  value} under "optimizer") is read as the nested form and written back flattened.
 * the rank-keyed form of `integrations.fsdp.save_checkpoint` under FSDP1 and of older
   FSDP2 / DDP checkpoints: {"optim": {"microadam_meta": JSON (world size, engine, param
   groups by fqn), "microadam_rank{R}": {fqn: live state, "_info": JSON with, per fqn, the
@@ -76,28 +79,89 @@ def _stock_key(sd: dict) -> str | None:
     return None
 
 
+_FLAT = ("state.", "param_groups.")
+
+
+def _flat_key(sd: dict) -> str | None:
+    """Where a checkpoint keeps the optimizer in torch's flattened form
+    (`flatten_optimizer_state_dict=True`): "optimizer" (torchtitan) or "optim"."""
+    for key in ("optimizer", "optim"):
+        o = sd.get(key)
+        if (isinstance(o, dict) and any(isinstance(n, str) and n.startswith(_FLAT[0]) for n in o)
+                and all(isinstance(n, str) and n.startswith(_FLAT) for n in o)):
+            return key
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
+def _unflatten(flat: dict) -> dict:
+    """torch's flattened optimizer state dict -> the nested form. A key's last dotted part
+    is the state key or hyper-parameter (neither holds a dot; fqns may). The flattened form
+    keeps hyper-parameters per param, not groups: params with equal ones share a group, in
+    the order they first appear (the hyper-parameters each param gets are exact)."""
+    state: dict[str, dict] = {}
+    hypers: dict[str, dict] = {}
+    for name, value in flat.items():
+        is_state = name.startswith(_FLAT[0])
+        fqn, _, key = name[len(_FLAT[0 if is_state else 1]):].rpartition(".")
+        (state if is_state else hypers).setdefault(fqn, {})[key] = value
+    missing = sorted(set(state) - set(hypers))
+    if missing:
+        raise CheckpointError(f"flattened optimizer state of {missing[0]!r} has no 'param_groups.{missing[0]}.*' "
+                              "hyper-parameters: corrupt checkpoint")
+    groups: list[dict] = []
+    for fqn, h in hypers.items():
+        for g in groups:
+            if g.keys() - {"params"} == h.keys() and all(_same(g[k], v) for k, v in h.items()):
+                g["params"].append(fqn)
+                break
+        else:
+            groups.append(dict(h, params=[fqn]))
+    return {"state": state, "param_groups": groups}
+
+
+def _flatten(optim: dict) -> dict:
+    """The nested form -> torch's flattened form (the inverse of `_unflatten`)."""
+    out = {f"{_FLAT[0]}{fqn}.{k}": v for fqn, entry in optim["state"].items() for k, v in entry.items()}
+    for g in optim["param_groups"]:
+        for fqn in g["params"]:
+            out.update({f"{_FLAT[1]}{fqn}.{k}": v for k, v in g.items() if k != "params"})
+    return out
+
+
 def load_dcp(path: str) -> dict:
     """The whole DCP checkpoint as one nested dict of full tensors (single process);
-    raises CheckpointError unless it holds a MicroAdam state in either form."""
+    raises CheckpointError unless it holds a MicroAdam state in one of the forms."""
     sd = _read_dcp(path)
     optim = sd.get("optim")
-    if (isinstance(optim, dict) and META_KEY in optim) or _stock_key(sd):
+    if (isinstance(optim, dict) and META_KEY in optim) or _stock_key(sd) or _flat_key(sd):
         return sd
-    flat = [k for k in ("optim", "optimizer") if isinstance(sd.get(k), dict)
-            and any(str(n).startswith("state.") for n in sd[k])]
     raise CheckpointError(
         f"{path} holds no MicroAdam state: expected 'optim' or 'optimizer' with 'state' and "
-        f"'param_groups' (torch's get_optimizer_state_dict) or 'optim.{META_KEY}' (the rank-keyed "
-        "format of microadam_dist.integrations.fsdp.save_checkpoint under FSDP1)"
-        + (f"; {flat[0]!r} is in the flattened form (flatten_optimizer_state_dict=True), which this "
-           "tool does not read: save with the default options" if flat else ""))
+        f"'param_groups' (torch's get_optimizer_state_dict, nested or flattened) or 'optim.{META_KEY}' "
+        "(the rank-keyed format of microadam_dist.integrations.fsdp.save_checkpoint under FSDP1)")
+
+
+def _nested(sd: dict) -> tuple[dict, str | None]:
+    """(`sd` with a flattened optimizer state dict made nested, the key of that optimizer
+    or None where it was not flattened)."""
+    flat = _flat_key(sd)
+    return (dict(sd, **{flat: _unflatten(sd[flat])}), flat) if flat is not None else (sd, None)
 
 
 def _model_tensors(sd: dict, model_src: str | None) -> dict:
-    """{fqn: full model tensor}: the checkpoint's "model", or a DCP dir `model_src`
-    (Accelerate keeps the model apart; its keys may carry a "model." prefix)."""
+    """{fqn: full model tensor}: the checkpoint's "model", else its top-level tensors
+    (torchtitan's layout), or a DCP dir `model_src` (Accelerate keeps the model apart; its
+    keys may carry a "model." prefix)."""
     if model_src is None:
-        return sd.get("model") if isinstance(sd.get("model"), dict) else {}
+        if isinstance(sd.get("model"), dict):
+            return sd["model"]
+        return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     msd = _read_dcp(model_src)
     model = msd["model"] if isinstance(msd.get("model"), dict) else msd
     return {(k[len("model."):] if isinstance(k, str) and k.startswith("model.") else k): v
@@ -283,7 +347,7 @@ def reshard_dcp(src: str, dst: str, world_size: int, model_src: str | None = Non
     dir holding the model, for a stock checkpoint that holds the optimizer alone."""
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size}; expected an integer >= 1")
-    sd = load_dcp(src)
+    sd, flat = _nested(load_dcp(src))
     key, src_groups, tensors = _source(sd, _model_tensors(sd, model_src))
     groups = [dict(g, **overrides) for g in src_groups]
     total = ReshardReport()
@@ -292,7 +356,8 @@ def reshard_dcp(src: str, dst: str, world_size: int, model_src: str | None = Non
         for gi, fqn, t, placed, rep in _moved_states(src_groups, tensors, world_size, overrides):
             total.add(rep)
             state[fqn] = _stock_entry(t, placed, _config(src_groups[gi], overrides), copy=not overrides)
-        _write(dict(sd, **{key: {"state": state, "param_groups": groups}}), dst, f"{key}.")
+        optim = {"state": state, "param_groups": groups}
+        _write(dict(sd, **{key: _flatten(optim) if flat else optim}), dst, f"{key}.")
         return total
     meta = json.loads(sd["optim"][META_KEY])
     ranks: list[dict] = [{} for _ in range(world_size)]
@@ -322,7 +387,7 @@ def reshard_dcp(src: str, dst: str, world_size: int, model_src: str | None = Non
 def consolidate_dcp(src: str, dst_file: str, model_src: str | None = None) -> ReshardReport:
     """FSDP DCP checkpoint (either form) -> one consolidated checked file (the format of
     `sharded.consolidate_dir`: full model tensors and a single-process MicroAdam state_dict)."""
-    sd = load_dcp(src)
+    sd, _ = _nested(load_dcp(src))
     model_all = _model_tensors(sd, model_src)
     key, src_groups, tensors = _source(sd, model_all)
     names = [f for g in src_groups for f in g["params"]]
