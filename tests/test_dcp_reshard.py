@@ -5,7 +5,9 @@ One 3-rank launch of tests/dist_scripts/dcp_reshard.py (gloo, CPU). Oracles: the
 uninterrupted run (2 -> 2 resumes bitwise on every rank) and `reshard_tensor` of the source
 shards for each rank's own range (2 -> 3 through the CLI, 3 -> 2 through reshard_dcp, both
 loaded through torch's stock calls; 2 -> 3 of the optimizer-only layout Accelerate's own save
-functions write, through the CLI with --model-src).
+functions write, through the CLI with --model-src; 2 -> 3 of torchtitan's layout, the
+optimizer in torch's flattened form, through the CLI with --set, loaded through the
+flattened stock calls).
 """
 
 import json
@@ -16,6 +18,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts"))
+from dcp_reshard import TITAN_LR  # noqa: E402  the worker's --set value
 from dcp_stock import STEPS_AFTER, STEPS_BEFORE  # noqa: E402  the worker's step counts
 
 pytestmark = pytest.mark.slow
@@ -75,6 +78,30 @@ def test_cli_reshards_accelerates_optimizer_only_layout(results):
         res = results[rank]["accelerate"]
         assert res["oracle_diffs"] == [], (rank, res["oracle_diffs"])
         assert res["steps"] == [STEPS_BEFORE + STEPS_AFTER] and res["finite"], (rank, res)
+
+
+def test_cli_reshards_torchtitans_flattened_layout(results):
+    cli = results[0]["titan_cli"]
+    # torchtitan's layout: model params at the top level, the optimizer flattened.
+    assert "optimizer" in cli["src_keys"] and "model" not in cli["src_keys"], cli["src_keys"]
+    assert cli["rc"] == 0, cli["stderr"]
+    report = json.loads(cli["stdout"].strip().splitlines()[-1])
+    assert report["ok"] and report["entries_in"] == report["entries_kept"] + report["entries_folded"] > 0
+    # Written back in the same layout: flattened keys, the model and train_state kept.
+    assert cli["dst_keys"] == cli["src_keys"], cli
+    opt_keys = [k for k in cli["flat_keys"] if k.startswith("optimizer.")]
+    assert opt_keys and all(k.startswith(("optimizer.state.", "optimizer.param_groups.")) for k in opt_keys)
+    assert "optimizer.state.0.weight.ef" in opt_keys and "optimizer.param_groups.0.weight.lr" in opt_keys
+    for rank in (0, 1, 2):
+        res = results[rank]["titan"]
+        assert res["oracle_diffs"] == [], (rank, res["oracle_diffs"])
+        assert res["lrs"] == [TITAN_LR], (rank, res["lrs"])
+        assert res["steps"] == [STEPS_BEFORE + STEPS_AFTER] and res["finite"], (rank, res)
+
+
+def test_consolidating_the_flattened_form_equals_the_nested_one(results):
+    cons = results[0]["titan_consolidate"]
+    assert cons["names"] and cons["diffs"] == [], cons
 
 
 def test_model_src_with_a_src_that_is_not_dcp_is_refused(results):

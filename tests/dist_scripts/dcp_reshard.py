@@ -12,6 +12,11 @@ stock form (get_optimizer_state_dict + dcp.save), run as
       (the optimizer alone in optimizer_0, the model in pytorch_model_fsdp_0), resharded to
       3 by the CLI with --model-src, loaded as Accelerate's FSDP2 resume loads it: the same
       oracle. model_src_refused: --model-src with a --src that is not DCP is refused.
+  titan: the 2-rank state in torchtitan's layout (model params at the top level, the
+      optimizer flattened by flatten_optimizer_state_dict=True under "optimizer", a
+      train_state beside), resharded to 3 by the CLI with --set lr, written back flattened
+      and loaded through the flattened stock calls: the same oracle, the new lr, training
+      continues; consolidating it gives the state consolidating the nested save gives.
 Each rank writes OUT/reshard_rank<R>.json: {scenario: result}.
 """
 
@@ -33,8 +38,10 @@ from dcp_stock import (STEPS_AFTER, STEPS_BEFORE, build, differences, guarded, l
                        write_and_finish)
 from microadam_dist.checkpoint.__main__ import main as checkpoint_cli
 from microadam_dist.checkpoint.dcp import consolidate_dcp, reshard_dcp
+from microadam_dist.checkpoint.io import load_file
 from microadam_dist.checkpoint.reshard import ShardState, reshard_tensor
 from microadam_dist.config import MicroAdamConfig
+from microadam_dist.layout import STATE_KEYS
 from microadam_dist.optim import local_tensor
 
 ROWS = 65  # uneven over 2 and 3 ranks; the 1-row last layer leaves empty shards
@@ -120,6 +127,32 @@ def accelerate_load(model, opt, model_dir: str, optim_dir: str) -> None:
     set_optimizer_state_dict(model, opt, osd["optimizer"], options=opts)
 
 
+TITAN_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+TITAN_LR = 0.0123
+
+
+def titan_save(model, opt, path: str, group) -> None:
+    """What torchtitan's CheckpointManager saves: the model's keys at the top level, its
+    OptimizersContainer's flattened state dict under "optimizer", and the train state."""
+    sd = {**get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=TITAN_OPTS),
+          "train_state": {"step": torch.tensor(STEPS_BEFORE, dtype=torch.int32)}}
+    dcp.save(sd, checkpoint_id=path, process_group=group)
+
+
+def titan_load(model, opt, path: str) -> None:
+    """torchtitan's resume: the same layout as the template, then the flattened set calls."""
+    sd = {**get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt, options=TITAN_OPTS)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, {k: v for k, v in sd.items() if k != "optimizer"})
+    set_optimizer_state_dict(model, opt, sd["optimizer"], options=TITAN_OPTS)
+
+
+def consolidated_states(path: str) -> dict:
+    """{param name: single-process state} of a consolidated file."""
+    obj = load_file(path)
+    return {obj["names"][i]: st for i, st in obj["optimizer"]["state"].items()}
+
+
 def stored_keys(path: str) -> list:
     """The top-level keys of a DCP checkpoint's stored tensors and objects."""
     return sorted({k.split(".")[0] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata})
@@ -152,6 +185,7 @@ def run(rank: int, world: int, tmp: str) -> dict:
     ck2, ck3 = os.path.join(tmp, "ck2"), os.path.join(tmp, "ck3")
     acc = os.path.join(tmp, "accelerate")
     acc_model, acc_optim = accelerate_dirs(acc)
+    titan, titan3 = os.path.join(tmp, "titan2"), os.path.join(tmp, "titan2to3")
     out: dict = {}
     # The 2-rank source and its uninterrupted continuation.
     if rank < 2:
@@ -161,6 +195,7 @@ def run(rank: int, world: int, tmp: str) -> dict:
         saved = snapshot(model, opt)
         save("dcp", model, opt, ck2, rank, group=sub_group)
         accelerate_save(model, opt, acc)  # the same state: the src2 dumps are its source shards
+        titan_save(model, opt, titan, sub_group)
         dump_shards(model, opt, 2, rank, os.path.join(tmp, f"src2_{rank}.pt"))
         reference = []
         for s in range(STEPS_AFTER):
@@ -189,6 +224,15 @@ def run(rank: int, world: int, tmp: str) -> dict:
         # there is a mistake to report, not to ignore.
         consolidate_dcp(ck2, os.path.join(tmp, "ck2.pt"))
         wrong = os.path.join(tmp, "wrong")
+        out["titan_cli"] = dict(run_cli("reshard", "--src", titan, "--dst", titan3, "--world-size", "3",
+                                        "--set", f"lr={TITAN_LR}"),
+                                src_keys=stored_keys(titan), dst_keys=stored_keys(titan3),
+                                flat_keys=sorted(dcp.FileSystemReader(titan3).read_metadata().state_dict_metadata))
+        consolidate_dcp(titan, os.path.join(tmp, "titan2.pt"))
+        nested, flat = (consolidated_states(os.path.join(tmp, f)) for f in ("ck2.pt", "titan2.pt"))
+        out["titan_consolidate"] = {"names": sorted(nested), "diffs": sorted(
+            f"{n}.{k}" for n in set(nested) | set(flat) for k in STATE_KEYS
+            if not torch.equal(nested.get(n, {}).get(k, torch.empty(0)), flat.get(n, {}).get(k, torch.empty(0))))}
         out["model_src_refused"] = dict(run_cli("reshard", "--src", os.path.join(tmp, "ck2.pt"), "--dst", wrong,
                                             "--world-size", "3", "--model-src", acc_model),
                                         dst_written=os.path.exists(wrong))
@@ -218,6 +262,11 @@ def run(rank: int, world: int, tmp: str) -> dict:
     out["accelerate"] = {"oracle_diffs": oracle_diffs(model_e, opt_e, [os.path.join(tmp, f"src2_{r}.pt")
                                                                        for r in range(2)], 3, rank),
                          **continue_steps(model_e, opt_e, rank)}
+    model_f, opt_f = build("fp32", full, ROWS, seed=1)
+    titan_load(model_f, opt_f, titan3)
+    out["titan"] = {"oracle_diffs": oracle_diffs(model_f, opt_f, [os.path.join(tmp, f"src2_{r}.pt")
+                                                                  for r in range(2)], 3, rank),
+                    "lrs": sorted({g["lr"] for g in opt_f.param_groups}), **continue_steps(model_f, opt_f, rank)}
     return out
 
 
