@@ -40,7 +40,7 @@ import torch
 
 from .config import _check_real
 from .ops import finite_flags
-from .sharded_state import _PLAIN, local_tensor
+from .sharded_state import _PLAIN, is_fsdp1_param, local_tensor
 
 DDP_REFUSAL = (
     "MicroAdam(step_in_backward=True) cannot train a DistributedDataParallel model: DDP "
@@ -168,7 +168,7 @@ class StepInBackward:
                 where[id(p)] = (gi, pi)
                 if id(p) in self._hooks:
                     continue
-                if getattr(p, "_fsdp_flattened", False):
+                if is_fsdp1_param(p):
                     raise ValueError(FSDP1_REFUSAL)
                 if self.max_norm is not None and local_tensor(p) is not p:
                     raise ValueError(

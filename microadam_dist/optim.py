@@ -116,9 +116,6 @@ class MicroAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        elif not self.state and self._is_state_init_call():
-            self._allocate_states()
-            return None
 
         # (config, [(param, local param, local grad, (group index, param index))]) per group.
         # Written out (no helper calls on the common path): these loops run for every tensor
@@ -137,6 +134,9 @@ class MicroAdam(torch.optim.Optimizer):
                               grad if type(grad) in _PLAIN else local_tensor(grad), (gi, pi)))
             if items:
                 work.append((config, items))
+        if closure is None and not self.state and self._is_state_init_call(work):
+            self._plan(work)  # creates every state, as a first step would, and steps nothing
+            return None
 
         # The gradient check goes to the GPU first; the host plans while it runs.
         check = self._start_gradient_check(work)
@@ -215,32 +215,15 @@ class MicroAdam(torch.optim.Optimizer):
             raise
         return plan, fresh
 
-    def _is_state_init_call(self) -> bool:
+    def _is_state_init_call(self, work: list) -> bool:
         """Whether this step is torch.distributed.checkpoint's `_init_optim_state`: on an
-        optimizer with no state, every lr 0 and every gradient zero. That call only wants the
-        state to exist (to build a load template); a real step would consume a window row
-        and count a step."""
-        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
+        optimizer with no state, every lr 0 and every gradient in `work` (step()'s list)
+        zero. That call only wants the state to exist (to build a load template); a real
+        step would consume a window row and count a step."""
+        if not work or any(float(g["lr"]) != 0.0 for g in self.param_groups):
             return False
-        grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return False
-        grads = [g for g in grads if g.numel()]
+        grads = [g for _, items in work for _, _, g, _ in items if g.numel()]
         return not grads or all(bool((n == 0).all()) for n in torch._foreach_norm(grads, float("inf")))
-
-    def _allocate_states(self) -> None:
-        """Create the zero state of every param with a gradient, as its first step would,
-        without stepping: params, window and step counters stay as they are."""
-        for gi, group in enumerate(self.param_groups):
-            config = self._group_config(group, gi)
-            blocks = (config.topk_block, config.density, config.quant_block, config.m)
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None or self.state[p]:
-                    continue
-                p_local = local_tensor(p)
-                if p_local.numel() == 0 and p_local is p:
-                    continue
-                self._check_state(p, p_local, self.state[p], (p_local.numel(), blocks), config, (gi, pi))
 
     def _forget(self, params: list[torch.Tensor]) -> None:
         """Drop the states step() created for these params (a failed or skipped first step)."""
@@ -378,15 +361,14 @@ class MicroAdam(torch.optim.Optimizer):
         # Every state is replaced: drop the cached checks and the backend memos with them,
         # which would otherwise keep the old state tensors (device memory) alive.
         self._layouts.clear()
-        for key, p, expected, name in pairs:
-            self.state[p] = sharded_state.import_state(state_dict["state"][key], p, expected, name,
-                                                       RESHARD_HINT)
+        for key, p, expected, parts in pairs:
+            self.state[p] = sharded_state.import_state(state_dict["state"][key], parts, p, expected)
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
 
-    def _check_loadable(self, state_dict: dict[str, Any]) -> list[tuple[Any, torch.Tensor, Layout, str]]:
-        """(key, param, layout this run needs, name) of every saved state, after checking the
-        groups and every state (sharded_state.import_state with nothing kept: a refused
-        state dict fails here, before anything changed)."""
+    def _check_loadable(self, state_dict: dict[str, Any]) -> list[tuple[Any, torch.Tensor, Layout, dict]]:
+        """(key, param, layout this run needs, its checked tensors) of every saved state, after
+        checking the groups and every state (sharded_state.check_state): a refused state dict
+        fails here, before anything changed."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -407,9 +389,14 @@ class MicroAdam(torch.optim.Optimizer):
                     continue
                 name = self._name((gi, pi))
                 expected = Layout.for_numel(local_tensor(p).numel(), config)
-                sharded_state.check_state(st, p, expected, name, RESHARD_HINT)
-                pairs.append((key, p, expected, name))
+                parts = sharded_state.check_state(st, p, expected, name, RESHARD_HINT)
+                pairs.append((key, p, expected, parts))
         return pairs
+
+
+def holds_fsdp1_params(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether any of the optimizer's params is managed by FSDP1."""
+    return any(sharded_state.is_fsdp1_param(p) for g in optimizer.param_groups for p in g["params"])
 
 
 def _called_by_torch_fsdp1_state_dict() -> bool:
@@ -431,7 +418,7 @@ def _refuse_fsdp1(optimizer: "MicroAdam", what: str) -> None:
     """FSDP1 (FullyShardedDataParallel) flattens and all-gathers optimizer state as if each
     tensor were shaped like its param; MicroAdam's is not, so its stock optimizer state
     dict would fail obscurely or carry garbage. Refuse it by name."""
-    if not any(getattr(p, "_fsdp_flattened", False) for g in optimizer.param_groups for p in g["params"]):
+    if not holds_fsdp1_params(optimizer):
         return
     if not _called_by_torch_fsdp1_state_dict():
         return
@@ -444,7 +431,7 @@ def _refuse_fsdp1(optimizer: "MicroAdam", what: str) -> None:
         "stock checkpoint calls carry MicroAdam's state (docs/checkpoints.md)")
 
 
-__all__ = ["MicroAdam", "local_tensor", "RESHARD_HINT"]
+__all__ = ["MicroAdam", "local_tensor", "holds_fsdp1_params", "RESHARD_HINT"]
 
 
 class _GradientCheck:

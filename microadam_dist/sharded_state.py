@@ -64,6 +64,12 @@ class Geometry(NamedTuple):
     max_numel: int
 
 
+def is_fsdp1_param(p: torch.Tensor) -> bool:
+    """Whether FSDP1 (FullyShardedDataParallel) manages `p`: a FlatParameter, or (with
+    use_orig_params=True) an original param viewing one. Their state has no checkpoint form."""
+    return bool(getattr(p, "_fsdp_flattened", False))
+
+
 def is_dtensor(t: Any) -> bool:
     return callable(getattr(t, "to_local", None)) and hasattr(t, "device_mesh")
 
@@ -132,6 +138,16 @@ def padded_local(key: str, state: dict, size: int, device: torch.device) -> torc
     return local
 
 
+def unpadded(key: str, chunk: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The live tensor (layout.py `shape`) at the start of one shard's 1-D checkpoint-form
+    chunk, win_idx's bytes read back as int16 (the inverse of `padded_local`); a live tensor
+    flattened gives itself back. A view, not a copy."""
+    count = math.prod(shape)
+    if key == "win_idx" and chunk.dtype == torch.uint8:
+        chunk = chunk[:2 * count].view(torch.int16)
+    return chunk[:count].reshape(shape)
+
+
 def export_state(state: dict, geo: Geometry, device: torch.device) -> dict[str, Any]:
     """One DTensor param's state (plain local tensors, layout.py) in checkpoint form."""
     from torch.distributed.tensor import DTensor
@@ -151,27 +167,22 @@ def export_state(state: dict, geo: Geometry, device: torch.device) -> dict[str, 
     return out
 
 
-def check_state(entry: dict, p: torch.Tensor, expected: Layout, name: str, hint: str) -> None:
-    """Raise ValueError unless `entry` (a saved state of param `p`, either form) fits the
-    layout this run needs; names the param, both layouts and `hint` (the reshard command)."""
-    _validated(entry, p, expected, name, hint)
+def check_state(entry: dict, p: torch.Tensor, expected: Layout, name: str, hint: str) -> dict:
+    """This rank's tensors of `entry` (a saved state of param `p`, either form; no copies:
+    the live tensors, or the padded chunks of the checkpoint form), after checking that it
+    fits the layout this run needs. Raises ValueError naming the param, both layouts and
+    `hint` (the reshard command)."""
+    return _validated(entry, p, expected, name, hint)
 
 
-def import_state(entry: dict, p: torch.Tensor, expected: Layout, name: str, hint: str) -> dict:
-    """A saved state of param `p` (either form) as plain local tensors (layout.py), copied
-    onto the param's device (step and layout on the CPU), after `check_state`'s checks."""
-    parts = _validated(entry, p, expected, name, hint)
+def import_state(entry: dict, parts: dict, p: torch.Tensor, expected: Layout) -> dict:
+    """`entry`'s state as plain local tensors (layout.py), copied onto the param's device
+    (step and layout on the CPU), from the `parts` that `check_state` returned for it."""
     device = local_tensor(p).device
-    specs = expected.expected_specs()
     out: dict[str, Any] = {}
-    for key, local in parts.items():
-        if key in ("step", "layout"):
-            out[key] = local.detach().reshape(specs[key][1]).to("cpu", copy=True)
-            continue
-        shape = specs[key][1]
-        if key == "win_idx" and local.dtype == torch.uint8:
-            local = local[:2 * math.prod(shape)].view(torch.int16)
-        out[key] = local.detach()[:math.prod(shape)].reshape(shape).to(device, copy=True)
+    for key, (_, shape) in expected.expected_specs().items():
+        live = unpadded(key, parts[key].detach().reshape(-1), shape)
+        out[key] = live.to("cpu" if key in ("step", "layout") else device, copy=True)
     for key, value in entry.items():  # anything else a state holds comes back as it is
         if key != SHARDS_KEY:
             out.setdefault(key, value)
@@ -259,4 +270,4 @@ def _refuse_sharding(saved: int, sharded: bool, geo: Geometry | None, name: str,
                      f"sharding: load it at the world size and mesh it was saved with, or {hint}")
 
 
-__all__ = ["SHARDS_KEY", "local_tensor", "Geometry", "geometry", "padded_sizes", "padded_local", "export_state", "check_state", "import_state", "is_dtensor"]
+__all__ = ["SHARDS_KEY", "local_tensor", "is_fsdp1_param", "unpadded", "Geometry", "geometry", "padded_sizes", "padded_local", "export_state", "check_state", "import_state", "is_dtensor"]

@@ -40,7 +40,7 @@ import torch
 
 from ..config import MicroAdamConfig
 from ..layout import STATE_KEYS, Layout
-from ..sharded_state import SHARDS_KEY, padded_local, padded_sizes
+from ..sharded_state import SHARDS_KEY, padded_local, padded_sizes, unpadded
 from . import io as ckio
 from .io import CheckpointError
 from .keys import INFO_KEY, META_KEY, rank_key
@@ -252,12 +252,7 @@ def _split_stock(fqn: str, entry: dict, shape: list[int]) -> list[ShardState]:
             if full.dtype != want or full.numel() != shards * sizes[key]:
                 raise CheckpointError(f"{fqn!r}: state {key!r} is {full.dtype} ({full.numel()},), expected "
                                       f"{want} ({shards * sizes[key]},) for {shards} shards: corrupt checkpoint")
-            count = int(torch.Size(spec).numel())
-            chunk = full[r * sizes[key]:(r + 1) * sizes[key]]
-            if key == "win_idx":
-                st[key] = chunk[:2 * count].clone().view(torch.int16).reshape(spec)
-            else:
-                st[key] = chunk[:count].clone().reshape(spec)
+            st[key] = unpadded(key, full[r * sizes[key]:(r + 1) * sizes[key]], spec).clone()
         out.append(ShardState(off, numel, st))
     return out
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..checkpoint.keys import INFO_KEY, META_KEY, clean_fqn, rank_key
 from ..config import MicroAdamConfig
 from ..layout import STATE_KEYS, Layout
-from ..optim import RESHARD_HINT, MicroAdam, local_tensor
+from ..optim import RESHARD_HINT, MicroAdam, holds_fsdp1_params, local_tensor
 
 FORMAT = 1
 
@@ -305,10 +305,6 @@ def _mismatch(meta: dict, saved: dict | None, infos: list[ShardInfo], optimizer:
 
 # -- save / load a whole training state -----------------------------------------------
 
-def _is_fsdp1(optimizer: torch.optim.Optimizer) -> bool:
-    return any(getattr(p, "_fsdp_flattened", False) for g in optimizer.param_groups for p in g["params"])
-
-
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict | None = None) -> None:
     """Save {"model": get_model_state_dict, "optim": get_optimizer_state_dict, "extra": the
@@ -318,7 +314,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    optim = (optimizer_state_dict(model, optimizer) if isinstance(optimizer, MicroAdam) and _is_fsdp1(optimizer)
+    optim = (optimizer_state_dict(model, optimizer) if isinstance(optimizer, MicroAdam) and holds_fsdp1_params(optimizer)
              else get_optimizer_state_dict(model, optimizer))
     sd = {"model": get_model_state_dict(model), "optim": optim, "extra": json.dumps(extra or {})}
     dcp.save(sd, checkpoint_id=os.fspath(path))
@@ -426,7 +422,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     for fqn, e in (saved or {"params": {}})["params"].items()}
         template[INFO_KEY] = ""
         sd["optim"] = {META_KEY: "", rank_key(rank): template}
-    elif isinstance(optimizer, MicroAdam) and _is_fsdp1(optimizer):
+    elif isinstance(optimizer, MicroAdam) and holds_fsdp1_params(optimizer):
         raise ValueError(f"{path} holds no rank-keyed MicroAdam state ('optim.{META_KEY}'), the only "
                          "form FSDP1 can load: it was not saved by save_checkpoint under FSDP1. Load it "
                          "with the engine it was saved with (FSDP2's fully_shard or DDP); to move it to "
