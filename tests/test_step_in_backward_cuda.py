@@ -191,3 +191,51 @@ def test_fsdp2_on_one_gpu_equals_ordinary(tmp_path):
     for kind in ("fsdp2_per_tensor", "fsdp2_one_group", "fsdp2_mp"):
         sc = res[kind]
         assert sc["equal"] == [True] * 4 and sc["released"] == [True] * 4 and sc["moved"], (kind, sc)
+
+
+class Deep(torch.nn.Module):
+    """A stack of linear layers: backward frees and reallocates activations' gradients
+    while earlier layers' params are being stepped."""
+
+    def __init__(self, seed, width=512, depth=8):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(width, width) for _ in range(depth)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x.square().mean()
+
+
+def test_side_stream_is_ordered(seed, monkeypatch):
+    """The groups run on a side stream. Each group first sleeps there (the GPU spins ~10 ms),
+    so a missing order would show: the backward reusing a gradient's memory before the step
+    read it, or the next forward reading params not yet stepped. Params and states after
+    three iterations equal the ordinary step's, bitwise."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(seed)).cuda()
+    hyper = dict(HYPER, lr=1e-3)
+    runs = []
+    for sib in (False, True):
+        model = Deep(seed % 1000).cuda()
+        opt = MicroAdam(model.parameters(), backend="cuda", step_in_backward=sib, backward_bucket_mb=0.5, **hyper)
+        if sib:
+            pick = opt._backward._stream_for
+
+            def slow(stream, work, pick=pick):
+                side = pick(stream, work)
+                assert side is not None and side != stream
+                with torch.cuda.stream(side):
+                    torch.cuda._sleep(20_000_000)
+                return side
+
+            monkeypatch.setattr(opt._backward, "_stream_for", slow)
+        for _ in range(3):
+            model(x).backward()
+            opt.step()
+            opt.zero_grad()
+        torch.cuda.synchronize()
+        runs.append((model, opt))
+    assert runs[1][1]._backward.flushes >= 3 * 4
+    assert_bitwise(*runs[0], *runs[1], "side stream")
