@@ -157,7 +157,8 @@ def adamw_baseline(runs: dict) -> dict | None:
 class Runner:
     """Everything one training run needs: device, precision, data, evaluation."""
 
-    def __init__(self, args):
+    def __init__(self, args, phases: tuple[str, ...] = ("pretrain", "finetune")):
+        """`phases`: the corpora to load (a fine-tuning worker needs "finetune" only)."""
         self.args = args
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if self.cuda else "cpu")
@@ -172,6 +173,8 @@ class Runner:
         eval_tokens = max(args.eval_windows * (args.seq_len + 1) * 4, 200_000)
         self.data = {}
         for phase, corpus in (("pretrain", args.pretrain_corpus), ("finetune", args.finetune_corpus)):
+            if phase not in phases:
+                continue
             train, ev = common.load_corpus(corpus, self.tok, args.max_tokens, eval_tokens)
             self.data[phase] = (train, common.eval_windows(ev, args.eval_windows, args.seq_len))
 

@@ -1,58 +1,79 @@
 """The regime table: where MicroAdam is close to AdamW, where it trails, and what buys quality.
 
-    OUT=dir bash benchmarks/convergence_campaign.sh          # one H100, about 9 minutes
-    python benchmarks/convergence_campaign.py --tiny         # CPU: the same plan in miniature
+    OUT=dir DEADLINE=540 bash benchmarks/convergence_campaign.sh [arguments]   # one GPU
+    python benchmarks/convergence_campaign.py --tiny                          # CPU: the plan in miniature
 
-A 26 M byte-level Llama (examples/common.py, size 25m) is pre-trained with AdamW on Python
-sources twice from one initialisation: a well-trained start (a warm-up + cosine schedule of
---pretrain-steps, then steps at its final LR until the held-out loss improves by less than 1%
-over the last 20% of all steps, or --pretrain-cap) and a weakly trained one (--weak-steps).
-Each start is fine-tuned on C/C++ headers with pure bf16 weights and with fp32 weights under
-bf16 autocast: four regimes, every run on the same batches and schedule. In each regime:
+A byte-level Llama (examples/common.py, --size) is pre-trained with AdamW on Python sources
+twice from one initialisation: a well-trained start (a warm-up + cosine schedule of
+--pretrain-steps at --pretrain-batch sequences, then steps at its final LR, a tenth of the
+schedule at a time, until the held-out loss improves by less than 1% over the last 20% of
+all steps (the plateau), --pretrain-cap steps or --pretrain-share of the deadline) and a
+weakly trained one (--weak-steps at the fine-tuning batch). Each start is fine-tuned on
+C/C++ headers with pure bf16 weights and with fp32 weights under bf16 autocast: up to four
+regimes (--regimes), every run on the same batches and schedule. In each regime:
 
-  1. AdamW and our MicroAdam (nearest EF) over the LR grid (--lrs, a factor 2 apart);
-  2. ours with stochastic EF at ours' best LR, and the authors' MicroAdam (bf16 regimes;
-     at every grid LR from the well-trained start, at ours' best from the weak one), and
-     ours with the authors' top-k block (sized by their code to the GPU) at ours' best LR;
-  3. alpha (--alphas) at ours' best LR in the weak regimes, where it is meant to help;
-  4. where a best LR lies at an edge of its grid, the next LR beyond it (twice at most);
-  5. the quality-memory dial (DIAL) at ours' best LR, well-trained start, fp32 weights.
+  1. AdamW and our MicroAdam (nearest EF) over the LR grid (--lrs, a factor 2 apart); where
+     a best LR lies at an edge of its grid, the next LR beyond it (twice at most);
+  2. at ours' best LR: ours with stochastic EF; alpha (--alphas) in the weak regimes, where
+     it is meant to help; the authors' MicroAdam in the bf16 regimes (at every grid LR from
+     the well-trained start, at ours' best from the weak one) and ours with the authors'
+     top-k block (sized by their code to the GPU);
+  3. the quality-memory dial (--dial, in --dial-regime): each setting at ours' best LR and
+     at twice it; a setting counts with the better of the two.
 
-With --deadline-s, the fine-tunes are shortened (fit_steps) where the plan at the
-pre-training's pace would not fit, and a run that would still end past the deadline is
-recorded as skipped.
+A run starts once what it depends on has finished (ours' best LR is final once its grid and
+edge steps are). Independent runs go to --workers processes sharing the GPU
+(convergence_workers.py): at these sizes a step is bound by the host, so runs side by side
+fill the GPU. The runs and their results are those of --workers 1: each run is seeded, sees
+the same batches and depends on finished rows only.
 
-AdamW goes first, so that the kernel builds started beside this process (the .sh) end
-meanwhile. Writes, under --out:
-campaign.json (every run with its held-out curve, the starts, the tables), campaign.md (the
-tables), campaign_regimes.png (held-out loss per regime) and campaign_dial.png (loss gap
-against optimizer bytes per parameter).
+With --deadline-s, a probe times AdamW and MicroAdam steps with every worker busy, the
+fine-tunes are shortened (fitted_steps) where the plan would not fit at that pace, and a
+run that would still end past the deadline is recorded as skipped; one still running
+GRACE_S after it is cut off. When time runs short, what goes first: the well-trained
+start's grids, the weak start's grids, the dial, stochastic EF and the authors', then the
+top-k block and alpha. Kernel builds started beside this process (the .sh) end meanwhile:
+a run that needs one waits for it (convergence_workers.Gate).
+
+Writes, under --out: campaign.json (every run with its held-out curve, the starts, the
+probe, the tables), campaign.md (the tables), campaign_regimes.png (held-out loss per
+regime) and campaign_dial.png (loss gap against optimizer bytes per parameter).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
-import traceback
 import warnings
 
 import torch
 
 import convergence
+import convergence_workers as workers
+from convergence_workers import kind
 from examples_import import examples_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 common = examples_module("common")
 
 REGIMES = (("bf16", "well"), ("fp32", "well"), ("fp32", "weak"), ("bf16", "weak"))
-DIAL = ("microadam/quant_block=64", "microadam/density=0.02", "microadam/m=20", "microadam/density=0.05")
-# Seconds per step before a kind has run, as multiples of the pre-training's (AdamW, fp32).
+# The quality-memory dial: density and window (m) traded for state bytes, then the knobs
+# that cost no bytes or few (stochastic EF, a finer EF quantization block, alpha).
+DIAL = ("microadam/density=0.02", "microadam/density=0.05", "microadam/density=0.1",
+        "microadam/m=5/density=0.02", "microadam/m=5/density=0.05", "microadam/m=5/density=0.1",
+        "microadam/m=3/density=0.1", "microadam/m=3/density=0.2",
+        "microadam_sr", "microadam/quant_block=64", "microadam/alpha=0.1")
+DIAL_LR_FACTORS = (1, 2)  # times ours' best LR
+EDGE_STEPS = 2  # LRs tried beyond a grid's edge, at most (a factor 4)
+# Seconds per step before a kind has run, as multiples of AdamW's (or of the pre-training's).
 PACE_GUESS = {"adamw": 1.0, "microadam": 1.3, "microadam_sr": 1.3, "ista": 2.0}
-# Runs of the plan by kind, two LR-edge steps included (fit_steps sizes the fine-tunes for them).
-PLANNED = {"adamw": 14, "microadam": 12 + 2 + 1 + 3 + len(DIAL), "microadam_sr": 4, "ista": 4}
+GRACE_S = 10.0  # a run still going this long after the deadline is cut off
 TINY = dict(size="tiny", batch=4, seq_len=64, pretrain_steps=40, pretrain_cap=60, weak_steps=8,
             finetune_steps=16, eval_every=8, eval_windows=8, max_tokens=300_000, lrs="1e-3,2e-3,4e-3",
             alphas="0.1")
@@ -62,18 +83,34 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU run of the same plan: " + json.dumps(TINY))
     ap.add_argument("--size", default="25m", choices=tuple(common.SIZES))
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per fine-tuning step (and the weak start's)")
+    ap.add_argument("--pretrain-batch", type=int, default=None,
+                    help="sequences per step of the well-trained start (default: --batch)")
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3, help="peak LR of both starts")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--pretrain-steps", type=int, default=2000, help="the well-trained start's cosine schedule")
     ap.add_argument("--pretrain-cap", type=int, default=4000, help="its steps at most, the tail included")
+    ap.add_argument("--pretrain-share", type=float, default=0.5,
+                    help="with --deadline-s: no tail step of the well-trained start past this share of it")
     ap.add_argument("--weak-steps", type=int, default=300, help="the weakly trained start's schedule")
     ap.add_argument("--finetune-steps", type=int, default=400)
     ap.add_argument("--lrs", default="5e-4,1e-3,2e-3", help="the fine-tuning LR grid, every optimizer")
     ap.add_argument("--alphas", default="0.01,0.1")
+    ap.add_argument("--regimes", default=",".join(f"{w}/{s}" for w, s in REGIMES),
+                    help="weights/start pairs: weights bf16 or fp32, start well or weak")
+    ap.add_argument("--dial", default=",".join(DIAL),
+                    help="the dial's settings: microadam or microadam_sr entries of convergence.py, without lr")
+    ap.add_argument("--dial-regime", default="fp32/well", help="the regime of the dial (one of --regimes)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=16_000_000, help="train tokens read per corpus")
     ap.add_argument("--deadline-s", type=float, default=0.0, help="skip runs that would end later (0: none)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="fine-tuning processes sharing the device (default: min(8, CPUs) with CUDA, else 1; "
+                         "1: in this process)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per fine-tuning process (default: CPUs / (workers + 1), at least 1; "
+                         "torch's default with 1 worker)")
     ap.add_argument("--backend", default="auto", choices=("auto", "reference", "cuda"))
     ap.add_argument("--ista-src", default=None, help="see benchmarks/authors_microadam.py")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "convergence"))
@@ -85,6 +122,34 @@ def parse_args(argv=None):
                 setattr(args, k, v)
     args.lrs = sorted(float(x) for x in args.lrs.split(","))
     args.alphas = [float(x) for x in args.alphas.split(",") if x]
+    regimes = []
+    for r in args.regimes.split(","):
+        if tuple(r.split("/")) not in REGIMES:
+            ap.error(f"--regimes: {r!r} is not one of {', '.join(f'{w}/{s}' for w, s in REGIMES)}")
+        regimes.append(tuple(r.split("/")))
+    args.regimes = list(dict.fromkeys(regimes))
+    if tuple(args.dial_regime.split("/")) not in args.regimes:
+        ap.error(f"--dial-regime: {args.dial_regime!r} is not one of --regimes ({', '.join(map('/'.join, args.regimes))})")
+    args.dial_regime = tuple(args.dial_regime.split("/"))
+    args.dial = [d for d in args.dial.split(",") if d]
+    for d in args.dial:
+        try:
+            spec = convergence.optimizer_spec(d)
+        except ValueError as e:
+            ap.error(f"--dial: {e}")
+        if kind(d) not in ("microadam", "microadam_sr") or "lr" in spec:
+            ap.error(f"--dial: {d!r} is not a microadam or microadam_sr entry without lr (the dial sets the LR)")
+    cuda = torch.cuda.is_available()
+    args.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if cuda else 1
+    if args.workers < 1:
+        ap.error(f"--workers: {args.workers} is below 1")
+    if args.threads is None:
+        args.threads = torch.get_num_threads() if args.workers == 1 else max(1, (os.cpu_count() or 1) // (args.workers + 1))
+    if args.threads < 1:
+        ap.error(f"--threads: {args.threads} is below 1")
+    if not 0 < args.pretrain_share <= 1:
+        ap.error(f"--pretrain-share: {args.pretrain_share} is not in (0, 1]")
+    args.pretrain_batch = args.pretrain_batch or args.batch
     return args
 
 
@@ -121,11 +186,30 @@ def last_fifth_gain(curve: list[dict]) -> float | None:
     return (before[-1] - end) / before[-1] if before else None
 
 
-def fitted_steps(steps: int, eval_every: int, seconds: float, pace: float, floor: int = 100) -> int:
-    """Fine-tuning steps for the PLANNED runs to fit in `seconds` at `pace` seconds per
-    pre-training step (PACE_GUESS per kind, 10% for evaluations): `steps` where they fit,
-    else fewer, a multiple of eval_every, but not below `floor` (nor above `steps`)."""
-    per_step = sum(n * PACE_GUESS[k] * pace * 1.1 for k, n in PLANNED.items())
+def plan_counts(regimes, n_lrs: int, alphas: int, dial) -> dict[str, int]:
+    """Runs of the plan by kind, with EDGE_STEPS runs beyond an edge per grid optimizer (the
+    dial's microadam_sr at ours' best LR is the regime's stochastic-EF row)."""
+    n = dict.fromkeys(PACE_GUESS, 0)
+    n["adamw"] = n["microadam"] = EDGE_STEPS
+    for w, s in regimes:
+        n["adamw"] += n_lrs
+        n["microadam"] += n_lrs + (w == "bf16" and s == "well") + (s == "weak") * (alphas if w == "fp32" else
+                                                                                    min(1, alphas))
+        n["microadam_sr"] += 1
+        n["ista"] += (n_lrs if s == "well" else 1) if w == "bf16" else 0
+    for name in dial:
+        n[kind(name)] += len(DIAL_LR_FACTORS) - (name == "microadam_sr" and 1 in DIAL_LR_FACTORS)
+    return n
+
+
+def fitted_steps(steps: int, eval_every: int, seconds: float, paces: dict[str, float], counts: dict[str, int],
+                 workers: int, floor: int = 100) -> int:
+    """Fine-tuning steps for the plan's runs (`counts` by kind) to fit in `seconds`, at `paces`
+    (seconds per step, evaluations included, with `workers` runs side by side), plus two runs
+    of the slowest kind for runs that wait for others: `steps` where they fit, else fewer, a
+    multiple of eval_every, but not below `floor` (nor above `steps`)."""
+    used = [k for k, n in counts.items() if n]
+    per_step = sum(counts[k] * paces[k] for k in used) / workers + 2 * max(paces[k] for k in used)
     fit = int(seconds / per_step) // eval_every * eval_every
     return min(steps, max(floor, fit))
 
@@ -153,22 +237,32 @@ class Campaign:
         self.t0 = time.monotonic()
         self.cargs = convergence.parse_args(["--size", args.size, "--optimizers", "adamw"])
         for k in ("batch", "seq_len", "eval_every", "eval_windows", "max_tokens", "backend", "ista_src",
-                  "no_progress"):
+                  "no_progress", "pretrain_lr"):
             setattr(self.cargs, k, getattr(args, k))
-        self.runner = convergence.Runner(self.cargs)
-        self.model = common.build_model(None, args.size, self.runner.tok.vocab_size, seed=self.cargs.seed,
-                                        max_len=max(2048, args.seq_len)).to(self.runner.device)
+        cuda = torch.cuda.is_available()
+        self.gate = workers.Gate(args.backend, torch.device("cuda" if cuda else "cpu"), args.ista_src)
+        # The workers set up (imports, corpus, model, CUDA context) while this process pre-trains.
+        self.pool = workers.Workers(args.workers, self.cargs, args.threads) if args.workers > 1 else None
+        self.runner, self.model = workers.build(self.cargs, torch.get_num_threads(), ("pretrain", "finetune"))
         self.init = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.starts: dict[str, dict] = {}
+        self.start_paths: dict[str, str] = {}
+        self.tmp: str | None = None
         self.pace: dict[str, float] = {}
+        self.warnings: set[str] = set()
         self.results = {"args": {k: v for k, v in vars(args).items()}, "params": self.n_params,
-                        "device": torch.cuda.get_device_name() if self.runner.cuda else "cpu",
-                        "torch": torch.__version__, "finetune_corpus": self.cargs.finetune_corpus,
-                        "pretrain_corpus": self.cargs.pretrain_corpus, "starts": {}, "runs": {}}
+                        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                        "finetune_corpus": self.cargs.finetune_corpus, "pretrain_corpus": self.cargs.pretrain_corpus,
+                        "workers": args.workers, "threads": args.threads, "finetune_steps": args.finetune_steps,
+                        "starts": {}, "runs": {}}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+    def past(self, seconds: float = 0.0) -> bool:
+        """Whether the deadline (if any) is less than `seconds` away."""
+        return bool(self.args.deadline_s) and self.elapsed() + seconds > self.args.deadline_s
 
     def save(self) -> None:
         os.makedirs(self.args.out, exist_ok=True)
@@ -176,70 +270,86 @@ class Campaign:
         with open(os.path.join(self.args.out, "campaign.json"), "w") as f:
             json.dump(self.results, f, indent=1)
 
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
     # -- starts --------------------------------------------------------------------------
     def pretrain(self, kind: str) -> None:
-        """The well-trained or weak start, fp32 weights, AdamW; kept in memory for every run."""
+        """The well-trained or weak start, fp32 weights, AdamW."""
         a, model = self.args, self.model
         model.to(torch.float32)
         model.load_state_dict(self.init)
-        opt = convergence.make_optimizer("adamw", model, self.cargs.pretrain_lr, a.backend)
+        opt = convergence.make_optimizer("adamw", model, a.pretrain_lr, a.backend)
         steps = a.pretrain_steps if kind == "well" else a.weak_steps
-        run = self.runner.train(model, opt, "pretrain", steps, f"pretrain {kind}")
-        self.pace["pretrain"] = run["seconds_per_step"]
-        curve, total = run["curve"], steps
-        if kind == "well":
-            # At the schedule's final LR in chunks of a tenth, until the last fifth gains < 1%.
+        self.cargs.batch = a.pretrain_batch if kind == "well" else a.batch
+        try:
+            run = self.runner.train(model, opt, "pretrain", steps, f"pretrain {kind}")
+            curve, total, stopped = run["curve"], steps, "schedule"
+            self.pace["pretrain"] = pace = run["seconds_per_step"]
             chunk = max(1, steps // 10)
-            while (last_fifth_gain(curve) or 0.0) >= 0.01 and total + chunk <= a.pretrain_cap:
+            while kind == "well":  # at the schedule's final LR, until the last fifth gains < 1%
+                gain = last_fifth_gain(curve)
+                stopped = ("too few evaluations" if gain is None else "plateau" if gain < 0.01 else
+                           "cap" if total + chunk > a.pretrain_cap else
+                           "deadline share" if self.past(chunk * pace + (1 - a.pretrain_share) * a.deadline_s)
+                           else None)
+                if stopped:
+                    break
                 tail = self.runner.train(model, opt, "pretrain", chunk, "pretrain tail", first=total + 1,
                                          lr_at=lambda step: common.lr_factor(steps, 1, steps))
-                curve, total = curve + tail["curve"], total + chunk
+                curve, total, pace = curve + tail["curve"], total + chunk, tail["seconds_per_step"]
+        finally:
+            self.cargs.batch = a.batch
         gain = last_fifth_gain(curve)
         self.starts[kind] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.results["starts"][kind] = {
-            "steps": total, "schedule_steps": steps, "last_fifth_gain": gain,
-            "plateau": gain is not None and gain < 0.01,
-            "pretrain_eval_loss": curve[-1]["eval_loss"],
+            "steps": total, "schedule_steps": steps, "batch": a.pretrain_batch if kind == "well" else a.batch,
+            "last_fifth_gain": gain, "plateau": gain is not None and gain < 0.01, "stopped": stopped,
+            "seconds_per_step": run["seconds_per_step"], "pretrain_eval_loss": curve[-1]["eval_loss"],
             "eval_loss_on_finetune_corpus": self.runner.evaluate(model, "finetune"),
             "checksum": convergence.weights_checksum(self.starts[kind]),
-            "curve": [r for r in curve if "eval_loss" in r], "seconds": time.monotonic() - self.t0}
+            "curve": [r for r in curve if "eval_loss" in r], "seconds": self.elapsed()}
         del opt
         self.save()
 
+    def fine_tuning_pool(self):
+        """Inline over this process's model, or the workers, given the starts through files."""
+        if self.pool is None:
+            return workers.Inline(self.runner, self.model, self.starts, self.args.threads)
+        self.tmp = tempfile.mkdtemp(prefix="campaign_starts_")
+        for name, state in self.starts.items():
+            self.start_paths[name] = os.path.join(self.tmp, f"{name}.pt")
+            torch.save({k: v.cpu() for k, v in state.items()}, self.start_paths[name])
+        self.starts.clear()
+        self.model = self.init = None  # the workers have their own
+        if self.runner.cuda:
+            torch.cuda.empty_cache()
+        return self.pool
+
     # -- runs ----------------------------------------------------------------------------
-    def run(self, regime: tuple[str, str], name: str, lr: float) -> dict:
-        """One fine-tuning row (cached by regime, name and LR)."""
-        weights, start = regime
-        key = f"{weights}/{start}/{name}@{lr:g}"
-        rows = self.results["runs"]
-        if key in rows:
-            return rows[key]
-        kind = name.split("/")[0]
-        pace = self.pace.get(kind, PACE_GUESS[kind] * self.pace.get("pretrain", 0.0))
-        cost = pace * self.args.finetune_steps * 1.1  # and its evaluations
-        if self.args.deadline_s and self.elapsed() + cost > self.args.deadline_s:
-            row = {"label": convergence.optimizer_spec(name)["label"], "skipped": "deadline"}
-        else:
-            self.cargs.weights = weights
-            try:
-                row = convergence.finetune(self.runner, self.model, self.starts[start], name,
-                                           self.args.finetune_steps, lr=lr)
-            except Exception as exc:  # one failed row (e.g. the authors' kernels) ends no campaign
-                traceback.print_exc()
-                row = {"label": convergence.optimizer_spec(name)["label"], "skipped": f"failed: {exc!r}"[:400]}
-            if done(row):
-                self.pace[kind] = row["seconds_per_step"]
-                row["curve"] = [r for r in row["curve"] if "eval_loss" in r or r["step"] % 10 == 0]
-            if self.runner.cuda:
-                row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-        row.update(weights=weights, start=start, name=name, lr=lr)
-        rows[key] = row
-        print(f"[{self.elapsed():6.0f} s] {key}: "
+    def job(self, regime: tuple[str, str], name: str, lr: float, **extra) -> dict:
+        w, s = regime
+        return {"key": f"{w}/{s}/{name}@{lr:g}", "weights": w, "start": s, "name": name, "lr": lr,
+                "steps": self.args.finetune_steps, "backend": self.gate.backend or self.args.backend,
+                "start_path": self.start_paths.get(s), **extra}
+
+    def pace_of(self, k: str) -> float:
+        """Seconds per step of kind k: measured (probe or last run), else guessed."""
+        return self.pace.get(k) or PACE_GUESS[k] * self.pace.get("adamw", self.pace.get("pretrain", 0.0))
+
+    def record(self, job: dict, row: dict) -> None:
+        row.pop("failed", None)
+        self.warnings.update(row.pop("warnings", ()))
+        if done(row):
+            self.pace[kind(job["name"])] = row["seconds_per_step"]
+        row.update(weights=job["weights"], start=job["start"], name=job["name"], lr=job["lr"])
+        self.results["runs"][job["key"]] = row
+        print(f"[{self.elapsed():6.0f} s] {job['key']}: "
               + (f"{row['final_eval_loss']:.4f}" if done(row) else f"skipped ({row.get('skipped')})"), flush=True)
         self.save()
-        return row
 
     def grid(self, regime, name: str) -> dict[float, dict]:
         """Every row of `name` in `regime` so far, by LR."""
@@ -252,50 +362,144 @@ class Campaign:
         lr = best_lr(rows)
         return lr, rows.get(lr)
 
-    def fit_steps(self) -> None:
+    def next_edge(self, regime, name: str) -> float | None:
+        """The LR beyond an edge of the grid to run next, once the grid's rows are in."""
+        rows = self.grid(regime, name)
+        if any(lr not in rows for lr in self.args.lrs) or len(set(rows) - set(self.args.lrs)) >= EDGE_STEPS:
+            return None
+        return beyond_edge(rows)
+
+    def settled_lr(self, regime, name: str) -> float | None:
+        """The grid's best LR once final (None before), the middle LR where no row finished."""
+        rows = self.grid(regime, name)
+        if any(lr not in rows for lr in self.args.lrs) or self.next_edge(regime, name) is not None:
+            return None
+        return best_lr(rows) or self.args.lrs[len(self.args.lrs) // 2]
+
+    def wanted(self):
+        """(priority, regime, name, lr) of every run the plan needs given the rows so far; a
+        run waiting on an unfinished one is yielded by a later call."""
+        a = self.args
+        for regime in a.regimes:
+            w, s = regime
+            first = 0 if s == "well" else 1
+            for name in ("adamw", "microadam"):
+                for lr in a.lrs + [self.next_edge(regime, name)]:
+                    if lr is not None:
+                        yield first, regime, name, lr
+            if regime == ("bf16", "well"):
+                for lr in a.lrs:
+                    yield 3, regime, "ista", lr
+            lr = self.settled_lr(regime, "microadam")
+            if lr is None:
+                continue
+            yield 3, regime, "microadam_sr", lr
+            if regime == ("bf16", "weak"):
+                yield 3, regime, "ista", lr
+            ista = self.grid(regime, "ista")
+            if regime == ("bf16", "well") and all(x in ista for x in a.lrs) and their_topk_block(ista):
+                yield 4, regime, f"microadam/topk_block={their_topk_block(ista)}", lr
+            if s == "weak":
+                for alpha in a.alphas if w == "fp32" else a.alphas[-1:]:
+                    yield 4, regime, f"microadam/alpha={alpha:g}", lr
+            if regime == a.dial_regime:
+                for name in a.dial:
+                    for f in DIAL_LR_FACTORS:
+                        yield 2, regime, name, lr * f
+
+    def probe(self, pool) -> None:
+        """Seconds per step of AdamW and MicroAdam with every worker busy (into pace)."""
+        a = self.args
+        while not pool.ready() or self.gate.pending("microadam"):
+            if self.past() or not pool.live():
+                return
+            pool.collect(0.5)
+        names = ("adamw", "microadam") if not self.gate.refusal("microadam") else ("adamw",)
+        jobs = [self.job(a.dial_regime, names[i % len(names)], a.lrs[len(a.lrs) // 2], probe=True,
+                         warm=min(5, a.eval_every), steps=a.eval_every) for i in range(max(2, pool.live()))]
+        times: dict[str, list[float]] = {}
+        while (jobs or pool.busy()) and not self.past():
+            while jobs and pool.free():
+                pool.submit(jobs.pop())
+            for job, row in pool.collect(1.0):
+                if "seconds_per_step" in row:
+                    times.setdefault(kind(job["name"]), []).append(row["seconds_per_step"])
+        pool.cut()
+        self.pace.update({k: sum(v) / len(v) for k, v in times.items()})
+        self.results["probe"] = {"runs_side_by_side": pool.live(), "steps": a.eval_every, "seconds_per_step": times,
+                                 "seconds": self.elapsed()}
+        print(f"[{self.elapsed():6.0f} s] probe, {pool.live()} runs side by side: "
+              + ", ".join(f"{k} {sum(v) / len(v):.4f} s/step" for k, v in times.items()), flush=True)
+
+    def fit_steps(self, pool) -> None:
         """With a deadline: fewer fine-tuning steps where the plan would not fit (fitted_steps)."""
         a = self.args
-        if not a.deadline_s:
-            return
-        steps = fitted_steps(a.finetune_steps, a.eval_every, a.deadline_s - self.elapsed(), self.pace["pretrain"])
+        counts = plan_counts(a.regimes, len(a.lrs), len(a.alphas), a.dial)
+        steps = fitted_steps(a.finetune_steps, a.eval_every, a.deadline_s - self.elapsed(),
+                             {k: self.pace_of(k) for k in counts}, counts, max(1, pool.live()))
         if steps != a.finetune_steps:
             print(f"fine-tuning steps {a.finetune_steps} -> {steps}: the plan fits before the deadline", flush=True)
         self.results["finetune_steps"] = a.finetune_steps = steps
 
+    def dispatch(self, queued: list, pool) -> None:
+        """Queued runs to free workers by priority; one that cannot run is recorded as skipped."""
+        while queued:
+            job = queued[0][2]
+            k = kind(job["name"])
+            why = ("deadline" if self.past(self.pace_of(k) * job["steps"] * 1.05) else
+                   self.gate.refusal(job["name"]) or ("no worker process left" if not pool.live() else ""))
+            if not why and not pool.free():
+                return
+            heapq.heappop(queued)
+            if why:
+                self.record(job, {"label": convergence.optimizer_spec(job["name"])["label"], "skipped": why})
+            else:
+                pool.submit(job)
+
+    def queue(self, queued: list, seen: set) -> bool:
+        """Queues the plan's runs not queued yet; returns whether some wait for a build."""
+        waiting = False
+        for prio, regime, name, lr in self.wanted():
+            if self.gate.pending(name) and not self.past():
+                waiting = True
+                continue
+            job = self.job(regime, name, lr)
+            if job["key"] not in seen:
+                seen.add(job["key"])
+                heapq.heappush(queued, (prio, len(seen), job))
+        return waiting
+
+    def finetunes(self, pool) -> None:
+        queued: list = []
+        seen: set = set()
+        while True:
+            waiting = self.queue(queued, seen)
+            self.dispatch(queued, pool)
+            if not queued and not pool.busy():
+                waiting = self.queue(queued, seen)  # rows skipped just now may let others start
+                if not (queued or waiting):
+                    return
+                if queued:
+                    continue
+            for job, row in pool.collect(1.0):
+                self.record(job, row)
+            if self.past(-GRACE_S):
+                for job, row in pool.cut():
+                    self.record(job, row)
+
     def plan(self) -> None:
-        a = self.args
         self.pretrain("well")
-        self.pretrain("weak")
-        self.fit_steps()
-        for name in ("adamw", "microadam"):
-            for regime in REGIMES:
-                for lr in a.lrs:
-                    self.run(regime, name, lr)
-        for regime in REGIMES:
-            lr = self.best(regime, "microadam")[0] or a.lrs[len(a.lrs) // 2]
-            self.run(regime, "microadam_sr", lr)
-            if regime[0] == "bf16":
-                for ista_lr in a.lrs if regime[1] == "well" else [lr]:
-                    self.run(regime, "ista", ista_lr)
-                if regime[1] == "well":  # ours with the authors' top-k block (theirs is sized to the GPU)
-                    block = their_topk_block(self.grid(regime, "ista"))
-                    if block:
-                        self.run(regime, f"microadam/topk_block={block}", lr)
-        for regime in REGIMES:
-            if regime[1] == "weak":
-                lr = self.best(regime, "microadam")[0] or a.lrs[len(a.lrs) // 2]
-                for alpha in a.alphas if regime[0] == "fp32" else a.alphas[-1:]:
-                    self.run(regime, f"microadam/alpha={alpha:g}", lr)
-        for _ in range(2):  # twice at most: a factor of 4 beyond the grid
-            for regime in REGIMES:
-                for name in ("adamw", "microadam"):
-                    nxt = beyond_edge(self.grid(regime, name))
-                    if nxt is not None:
-                        self.run(regime, name, nxt)
-        regime = ("fp32", "well")
-        lr = self.best(regime, "microadam")[0] or a.lrs[len(a.lrs) // 2]
-        for name in DIAL:
-            self.run(regime, name, lr)
+        if any(s == "weak" for _, s in self.args.regimes):
+            self.pretrain("weak")
+        pool = self.fine_tuning_pool()
+        if self.args.deadline_s:
+            if not self.past():
+                self.probe(pool)
+            self.fit_steps(pool)
+        self.finetunes(pool)
+        order = {r: i for i, r in enumerate(self.args.regimes)}
+        self.results["runs"] = dict(sorted(self.results["runs"].items(), key=lambda kv: (
+            order[kv[1]["weights"], kv[1]["start"]], kv[1]["name"], kv[1]["lr"])))
 
 
 def main(argv=None) -> dict:
@@ -304,13 +508,15 @@ def main(argv=None) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         camp = Campaign(args)
-        print(f"model {args.size}: {camp.n_params / 1e6:.1f} M params on {camp.results['device']}", flush=True)
-        camp.plan()
-        # Asked after the runs: on a GPU the first ask waits for the kernels' build, which the
-        # AdamW runs overlap (convergence_campaign.sh starts it beside this process).
-        camp.results["microadam_backend"] = convergence.select_backend(args.backend, camp.runner.device)[0]
+        print(f"model {args.size}: {camp.n_params / 1e6:.1f} M params on {camp.results['device']}; "
+              f"{args.workers} fine-tuning process(es), {args.threads} thread(s) each", flush=True)
+        try:
+            camp.plan()
+        finally:
+            camp.close()
+        camp.results["microadam_backend"] = camp.gate.backend or camp.gate.backend_error or "not resolved"
         camp.results["tables"] = t = convergence_report.tables(camp)
-        camp.results["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:400] for w in caught})
+    camp.results["warnings"] = sorted(camp.warnings | {f"{w.category.__name__}: {w.message}"[:400] for w in caught})
     camp.save()
     md = convergence_report.markdown(camp, t)
     with open(os.path.join(args.out, "campaign.md"), "w") as f:

@@ -7,33 +7,69 @@ the quality-memory dial, as dicts (kept in campaign.json); `markdown(camp, table
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING
 
-from convergence_campaign import DIAL, REGIMES, best_lr, done, gap, their_topk_block
+from convergence_campaign import DIAL_LR_FACTORS, best_lr, done, gap, their_topk_block
 
 if TYPE_CHECKING:
     from convergence_campaign import Campaign
 
+WITHIN = 0.02  # the dial's target: held-out loss within 2% of the best AdamW's
+
+
+def dial(camp: Campaign) -> dict:
+    """The dial's settings in its regime, each with the better of its LRs, sorted by state bytes
+    per parameter (settings without a finished run last); the cheapest within WITHIN of the best
+    AdamW, and the steps of the frontier (each setting better than every cheaper one)."""
+    regime = tuple(camp.args.dial_regime)
+    adamw = camp.best(regime, "adamw")[1]
+    base = camp.best(regime, "microadam")[1]
+    rows = []
+    for name in ("microadam", *camp.args.dial):
+        tried = camp.grid(regime, name)
+        lr, row = camp.best(regime, name)
+        d = {"name": name, "label": next((r["label"] for r in tried.values()), name), "lr": lr,
+             "losses": {f"{x:g}": r["final_eval_loss"] if done(r) else None for x, r in sorted(tried.items())},
+             "loss": None, "gap_to_best_adamw": None, "bytes_per_param": None, "vs_base": None, "frontier_step": None}
+        if done(row):
+            d.update(loss=row["final_eval_loss"], gap_to_best_adamw=gap(row, adamw),
+                     bytes_per_param=row["state_bytes_per_param"], vs_base=gap(row, base))
+        rows.append(d)
+    rows.sort(key=lambda d: (d["bytes_per_param"] is None, d["bytes_per_param"] or 0.0, d["loss"] or math.inf))
+    prev = None
+    for d in rows:
+        if d["loss"] is not None and (prev is None or d["loss"] < prev["loss"]):
+            d["frontier_step"] = {"first": True} if prev is None else {
+                "gap_change": (d["loss"] - prev["loss"]) / adamw["final_eval_loss"] if done(adamw) else None,
+                "bytes_added": d["bytes_per_param"] - prev["bytes_per_param"]}
+            prev = d
+    cheapest = next((d for d in rows if d["gap_to_best_adamw"] is not None and d["gap_to_best_adamw"] <= WITHIN), None)
+    closest = min((d for d in rows if d["gap_to_best_adamw"] is not None), key=lambda d: d["gap_to_best_adamw"],
+                  default=None)
+    return {"weights": regime[0], "start": regime[1], "adamw": adamw and adamw.get("final_eval_loss"),
+            "lr_factors": list(DIAL_LR_FACTORS), "rows": rows, "cheapest_within": cheapest and cheapest["name"],
+            "closest": closest and closest["name"]}
+
 
 def tables(camp: Campaign) -> dict:
     """The regime table, LR sweeps, parity, alpha and dial rows, from the finished runs."""
-    out = {"regimes": [], "sweeps": [], "parity": [], "alpha": [], "dial": []}
-    for regime in REGIMES:
+    out = {"regimes": [], "sweeps": [], "parity": [], "alpha": [], "dial": dial(camp)}
+    for regime in map(tuple, camp.args.regimes):
         w, s = regime
         lr_a, adamw = camp.best(regime, "adamw")
         lr_m, ours = camp.best(regime, "microadam")
         lr_i, ista = camp.best(regime, "ista")
-        sr = camp.grid(regime, "microadam_sr")
-        sr_row = next(iter(sr.values()), None)
+        sr_row = camp.grid(regime, "microadam_sr").get(lr_m)  # at ours' best LR
         start = camp.results["starts"].get(s, {})
         out["regimes"].append({
             "weights": w, "start": s, "pretrain_steps": start.get("steps"),
-            "start_last_fifth_gain": start.get("last_fifth_gain"),
+            "start_last_fifth_gain": start.get("last_fifth_gain"), "start_plateau": start.get("plateau"),
             "adamw": adamw and adamw.get("final_eval_loss"), "adamw_lr": lr_a,
             "microadam": ours and ours.get("final_eval_loss"), "microadam_lr": lr_m,
             "microadam_sr": sr_row.get("final_eval_loss") if done(sr_row) else None,
-            "microadam_sr_lr": sr_row and sr_row["lr"],
+            "microadam_sr_lr": sr_row and lr_m,
             "authors": ista.get("final_eval_loss") if done(ista) else None, "authors_lr": lr_i,
             "gap_microadam": gap(ours, adamw), "gap_microadam_sr": gap(sr_row, adamw), "gap_authors": gap(ista, adamw),
             "bytes_per_param": {k: r["state_bytes_per_param"] for k, r in
@@ -54,18 +90,11 @@ def tables(camp: Campaign) -> dict:
                                           "authors": row["final_eval_loss"], "microadam": ours_at["final_eval_loss"],
                                           "diff": gap(ours_at, row)})
         for row in camp.results["runs"].values():
-            if (row["weights"], row["start"]) != regime or not done(row):
-                continue
-            if "alpha=" in row["name"]:
+            if (row["weights"], row["start"]) == regime and done(row) and "alpha=" in row["name"]:
                 base = camp.grid(regime, "microadam").get(row["lr"])
                 out["alpha"].append({"weights": w, "start": s, "name": row["name"], "lr": row["lr"],
                                      "loss": row["final_eval_loss"], "without_alpha": base and base["final_eval_loss"],
                                      "change": gap(row, base)})
-            if row["name"] in DIAL or (regime == ("fp32", "well") and row["name"] in ("microadam", "microadam_sr")
-                                       and row["lr"] == lr_m):
-                out["dial"].append({"name": row["name"], "label": row["label"], "lr": row["lr"],
-                                    "loss": row["final_eval_loss"], "gap_to_best_adamw": gap(row, adamw),
-                                    "bytes_per_param": row["state_bytes_per_param"]})
     return out
 
 
@@ -78,14 +107,62 @@ def _pct(x, spec="+.1f"):
     return "-" if x is None else format(100 * x, spec) + "%"
 
 
+def _start_line(name: str, st: dict) -> str:
+    if not st:
+        return f"{name} start: not trained."
+    plateau = ("reached the plateau (< 1%)" if st["plateau"] else
+               f"did not reach the plateau (stopped: {st['stopped']})")
+    return (f"{name} start: {st['steps']} AdamW steps of {st['batch']} sequences ({st['schedule_steps']} on the "
+            f"schedule), held-out loss {st['pretrain_eval_loss']:.4f}, last-fifth gain {_pct(st['last_fifth_gain'], '.2f')}"
+            + (f": {plateau}." if name == "Well-trained" else "."))
+
+
+def header(camp: Campaign) -> list[str]:
+    """What was run: model, device, fine-tunes, processes, pace and the starts."""
+    r, a = camp.results, camp.args
+    steps, asked = r["finetune_steps"], r["args"]["finetune_steps"]
+    probe = r.get("probe")
+    pace = (f"; probe: " + ", ".join(f"{k} {sum(v) / len(v):.4f} s/step" for k, v in probe["seconds_per_step"].items())
+            + f" with {probe['runs_side_by_side']} runs side by side" if probe else "")
+    return [f"Model {a.size} ({r['params'] / 1e6:.1f} M-parameter byte-level Llama) on {r['device']}; pre-trained on "
+            f"'{r['pretrain_corpus']}', fine-tuned on '{r['finetune_corpus']}' for {steps} steps of {a.batch}x{a.seq_len} "
+            f"tokens" + (f" (asked: {asked}; fewer to fit the deadline)" if steps != asked else "")
+            + f"; held-out loss at the end. Fine-tunes in {r['workers']} process(es) side by side, "
+            f"{r['threads']} thread(s) each{pace}; {r.get('elapsed_s', camp.elapsed()):.0f} s in all.", "",
+            _start_line("Well-trained", r["starts"].get("well")) + " " + _start_line("Weak", r["starts"].get("weak")),
+            ""]
+
+
+def dial_lines(d: dict) -> list[str]:
+    lines = [f"| dial ({d['weights']} weights, {d['start']} start): each setting at ours' best LR and 2x it, the "
+             "better counts | held-out loss by LR | best LR | held-out loss | gap to best AdamW | bytes/param "
+             "| vs m=10, 1% | frontier step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in d["rows"]:
+        losses = ", ".join(f"{lr}: {_f(loss)}" for lr, loss in x["losses"].items()) or "-"
+        step = x["frontier_step"]
+        step = ("-" if x["loss"] is None else "dominated" if step is None else "first" if "first" in step else
+                f"{_pct(step['gap_change'], '+.2f')} for {step['bytes_added']:+.3f} B")
+        lines.append(f"| {x['label']} | {losses} | {_f(x['lr'], 'g')} | {_f(x['loss'])} | {_pct(x['gap_to_best_adamw'])} "
+                     f"| {_f(x['bytes_per_param'], '.3f')} | {_pct(x['vs_base'], '+.2f')} | {step} |")
+    rows = {x["name"]: x for x in d["rows"]}
+    if d["cheapest_within"]:
+        c = rows[d["cheapest_within"]]
+        lines += ["", f"Cheapest setting within {100 * WITHIN:g}% of the best AdamW ({_f(d['adamw'])}): {c['label']} "
+                      f"at LR {c['lr']:g}, {_pct(c['gap_to_best_adamw'])}, {c['bytes_per_param']:.3f} bytes/param."]
+    else:
+        c = rows.get(d["closest"])
+        lines += ["", f"Cheapest setting within {100 * WITHIN:g}% of the best AdamW ({_f(d['adamw'])}): none"
+                  + (f"; the closest: {c['label']} at {_pct(c['gap_to_best_adamw'])}, {c['bytes_per_param']:.3f} "
+                     "bytes/param." if c else ".")]
+    return lines
+
+
 def markdown(camp: Campaign, t: dict) -> str:
     r = camp.results
-    lines = [f"Fine-tuning a {r['params'] / 1e6:.1f} M byte-level Llama on '{r['finetune_corpus']}' after "
-             f"pre-training on '{r['pretrain_corpus']}'; {r['device']}; {camp.args.finetune_steps} steps of "
-             f"{camp.args.batch}x{camp.args.seq_len} tokens; held-out loss at the end.", "",
-             "| weights | start: pre-train steps (last-fifth gain) | AdamW best (LR) | MicroAdam nearest (LR) "
-             "| MicroAdam stochastic (LR) | authors' MicroAdam (LR) | gap nearest / stochastic / authors' "
-             "| bytes/param AdamW / ours / authors' |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = header(camp) + [
+        "| weights | start: pre-train steps (last-fifth gain) | AdamW best (LR) | MicroAdam nearest (LR) "
+        "| MicroAdam stochastic (LR) | authors' MicroAdam (LR) | gap nearest / stochastic / authors' "
+        "| bytes/param AdamW / ours / authors' |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g in t["regimes"]:
         b = g["bytes_per_param"]
         gain = g["start_last_fifth_gain"]
@@ -107,10 +184,7 @@ def markdown(camp: Campaign, t: dict) -> str:
     lines += ["", "| alpha: weights, start, LR | with alpha | without | change |", "| --- | --- | --- | --- |"]
     lines += [f"| {x['name']}: {x['weights']}, {x['start']}, {x['lr']:g} | {x['loss']:.4f} "
               f"| {_f(x['without_alpha'])} | {_pct(x['change'], '+.2f')} |" for x in t["alpha"]]
-    lines += ["", "| dial (fp32 weights, well-trained start) | LR | held-out loss | gap to best AdamW | bytes/param |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {d['label']} | {d['lr']:g} | {d['loss']:.4f} | {_pct(d['gap_to_best_adamw'])} "
-              f"| {d['bytes_per_param']:.3f} |" for d in sorted(t["dial"], key=lambda d: d["bytes_per_param"])]
+    lines += [""] + dial_lines(t["dial"])
     skipped = [k for k, row in r["runs"].items() if "skipped" in row]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({r['runs'][k]['skipped']})" for k in skipped)]
@@ -122,8 +196,13 @@ def plots(camp: Campaign, t: dict) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out = []
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
-    for ax, regime in zip(axes.flat, REGIMES):
+    regimes = [tuple(r) for r in camp.args.regimes]
+    cols = min(2, len(regimes))
+    fig, axes = plt.subplots((len(regimes) + cols - 1) // cols, cols, figsize=(6 * cols, 4 * math.ceil(len(regimes) / cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(regimes):]:
+        ax.set_axis_off()
+    for ax, regime in zip(axes.flat, regimes):
         for i, name in enumerate(("adamw", "microadam", "microadam_sr", "ista")):
             lr, row = camp.best(regime, name)
             if done(row):
@@ -138,17 +217,20 @@ def plots(camp: Campaign, t: dict) -> list[str]:
     out.append(os.path.join(camp.args.out, "campaign_regimes.png"))
     fig.savefig(out[-1], dpi=110)
     plt.close(fig)
-    if t["dial"]:
+    points = [d for d in t["dial"]["rows"] if d["gap_to_best_adamw"] is not None]
+    if points:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for d in t["dial"]:
-            if d["gap_to_best_adamw"] is not None:
-                ax.scatter(d["bytes_per_param"], 100 * d["gap_to_best_adamw"])
-                ax.annotate(d["label"].replace("MicroAdam ", ""), (d["bytes_per_param"], 100 * d["gap_to_best_adamw"]),
-                            fontsize=7)
-        ax.axhline(2.0, color="gray", ls="--", lw=1)
+        for d in points:
+            ax.scatter(d["bytes_per_param"], 100 * d["gap_to_best_adamw"], color="C0" if d["frontier_step"] else "C7")
+            ax.annotate(d["label"].replace("MicroAdam ", ""), (d["bytes_per_param"], 100 * d["gap_to_best_adamw"]),
+                        fontsize=7)
+        front = [(d["bytes_per_param"], 100 * d["gap_to_best_adamw"]) for d in points if d["frontier_step"]]
+        ax.plot(*zip(*front), color="C0", lw=1, label="frontier")
+        ax.axhline(100 * WITHIN, color="gray", ls="--", lw=1)
         ax.set(xlabel="optimizer state, bytes per parameter", ylabel="held-out loss above best AdamW (%)",
-               title="quality-memory dial (fp32 weights, well-trained start)")
+               title=f"quality-memory dial ({t['dial']['weights']} weights, {t['dial']['start']} start)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         out.append(os.path.join(camp.args.out, "campaign_dial.png"))
         fig.savefig(out[-1], dpi=110)

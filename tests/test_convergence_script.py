@@ -117,22 +117,44 @@ def test_authors_row_says_why_it_cannot_run_here():
             authors_microadam.load()
 
 
+SMALL = ["--tiny", "--no-progress", "--backend", "reference", "--pretrain-steps", "16", "--pretrain-cap", "24",
+         "--finetune-steps", "8", "--threads", "1", "--dial", "microadam/m=5/density=0.05,microadam_sr"]
+
+
+def _campaign(out, *extra) -> dict:
+    run([sys.executable, os.path.join(ROOT, "benchmarks", "convergence_campaign.py"), *SMALL, *extra, "--out", str(out)],
+        timeout=280, env=env())
+    return json.loads((out / "campaign.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def serial_campaign(tmp_path_factory):
+    """The whole plan in miniature on the CPU, every run in one process."""
+    out = tmp_path_factory.mktemp("serial")
+    return out, _campaign(out, "--workers", "1")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_tiny_campaign_writes_the_regime_table(tmp_path):
-    """The whole plan in miniature on the CPU: every run finished or says why not (the
-    authors' kernels need CUDA), the tables follow the rows, and a deadline skips runs."""
-    small = ["--tiny", "--no-progress", "--backend", "reference", "--pretrain-steps", "16", "--pretrain-cap", "24",
-             "--finetune-steps", "8"]
-    run([sys.executable, os.path.join(ROOT, "benchmarks", "convergence_campaign.py"), *small, "--out", str(tmp_path)],
-        timeout=280, env=env())
-    res = json.loads((tmp_path / "campaign.json").read_text())
+def test_tiny_campaign_writes_the_regime_table(serial_campaign, tmp_path):
+    """Every run finished or says why not (the authors' kernels need CUDA), the plan ran the
+    runs it counts, the tables follow the rows, and a deadline skips runs."""
+    out, res = serial_campaign
     runs = res["runs"]
     for key, r in runs.items():
         if r["name"] == "ista":
             assert "CUDA" in r["skipped"], key
         else:
             assert math.isfinite(r["final_eval_loss"]), key
+    lrs = res["args"]["lrs"]
+    dial = res["args"]["dial"]
+    counts = campaign.plan_counts(campaign.REGIMES, len(lrs), 1, dial)
+    counts["adamw"] -= campaign.EDGE_STEPS
+    counts["microadam"] -= campaign.EDGE_STEPS + 1  # no run at the authors' top-k block without their rows
+    beyond = [r for r in runs.values() if r["name"] in ("adamw", "microadam") and r["lr"] not in lrs]
+    assert len(beyond) <= 2 * campaign.EDGE_STEPS * len(campaign.REGIMES)
+    ran = {k: sum(campaign.kind(r["name"]) == k for r in runs.values() if r not in beyond) for k in counts}
+    assert ran == counts
     t = res["tables"]
     assert [(g["weights"], g["start"]) for g in t["regimes"]] == list(campaign.REGIMES)
     for g in t["regimes"]:
@@ -141,16 +163,44 @@ def test_tiny_campaign_writes_the_regime_table(tmp_path):
         assert g["gap_microadam"] == pytest.approx(g["microadam"] / g["adamw"] - 1)
         assert g["bytes_per_param"]["adamw"] == pytest.approx(8.0 if g["weights"] == "fp32" else 4.0, rel=1e-3)
         assert 0.85 < g["bytes_per_param"]["microadam"] < 1.0
-    assert {d["name"] for d in t["dial"]} >= set(campaign.DIAL)
+    d = t["dial"]
+    assert {x["name"] for x in d["rows"]} == {"microadam", *dial}
+    ours = t["regimes"][[(g["weights"], g["start"]) for g in t["regimes"]].index(("fp32", "well"))]
+    for x in d["rows"]:
+        tried = {float(lr): loss for lr, loss in x["losses"].items()}
+        if x["name"] != "microadam":
+            assert sorted(tried) == [ours["microadam_lr"], 2 * ours["microadam_lr"]], x
+        assert x["loss"] == min(tried.values()) and tried[x["lr"]] == x["loss"]
+        assert x["gap_to_best_adamw"] == pytest.approx(x["loss"] / ours["adamw"] - 1)
+    sizes = [x["bytes_per_param"] for x in d["rows"]]
+    assert sizes == sorted(sizes)
+    within = [x["name"] for x in d["rows"] if x["gap_to_best_adamw"] <= 0.02]
+    assert d["cheapest_within"] == (within[0] if within else None)
     assert [a["name"] for a in t["alpha"]] == ["microadam/alpha=0.1"] * 2
     assert res["starts"]["well"]["steps"] >= 16 and "last_fifth_gain" in res["starts"]["well"]
-    assert (tmp_path / "campaign_regimes.png").stat().st_size > 10_000
-    assert "| fp32 | weak:" in (tmp_path / "campaign.md").read_text()
-    late = tmp_path / "late"
-    run([sys.executable, os.path.join(ROOT, "benchmarks", "convergence_campaign.py"), *small,
-         "--deadline-s", "1", "--out", str(late)], timeout=280, env=env())
-    rows = json.loads((late / "campaign.json").read_text())["runs"].values()
-    assert rows and all(r.get("skipped") == "deadline" for r in rows)
+    assert (out / "campaign_regimes.png").stat().st_size > 10_000
+    md = (out / "campaign.md").read_text()
+    assert "| fp32 | weak:" in md and "Model tiny" in md and "1 process" in md
+    late = _campaign(tmp_path, "--deadline-s", "1")
+    assert late["runs"] and all(r.get("skipped") == "deadline" for r in late["runs"].values())
+    assert late["starts"]["well"]["stopped"] == "deadline share"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tiny_campaign_in_two_workers_gives_the_serial_results(serial_campaign, tmp_path):
+    """Two worker processes run the runs of one process, with the same held-out curves; with a
+    deadline, a probe times both optimizers side by side first."""
+    _, serial = serial_campaign
+    res = _campaign(tmp_path, "--workers", "2", "--deadline-s", "600")
+    assert res["workers"] == 2 and res["probe"]["runs_side_by_side"] == 2
+    assert set(res["probe"]["seconds_per_step"]) == {"adamw", "microadam"}
+    assert res["starts"]["well"]["checksum"] == serial["starts"]["well"]["checksum"]
+    assert list(res["runs"]) == list(serial["runs"])
+    for key, r in res["runs"].items():
+        curve = [(c["step"], c["eval_loss"]) for c in r.get("curve", ()) if "eval_loss" in c]
+        assert curve == [(c["step"], c["eval_loss"]) for c in serial["runs"][key].get("curve", ()) if "eval_loss" in c]
+        assert r.get("final_eval_loss") == serial["runs"][key].get("final_eval_loss"), key
 
 
 def test_campaign_takes_the_authors_topk_block_where_ours_can():
@@ -160,10 +210,26 @@ def test_campaign_takes_the_authors_topk_block_where_ours_can():
     assert campaign.their_topk_block({}) is None
 
 
-def test_campaign_fits_its_fine_tunes_before_the_deadline():
-    runs = sum(n * campaign.PACE_GUESS[k] for k, n in campaign.PLANNED.items()) * 1.1  # step-equivalents
-    assert campaign.fitted_steps(400, 50, seconds=1e6, pace=0.02) == 400
-    steps = campaign.fitted_steps(400, 50, seconds=300, pace=0.02)
-    assert steps % 50 == 0 and 100 <= steps < 400 and steps * runs * 0.02 <= 300 < (steps + 50) * runs * 0.02
-    assert campaign.fitted_steps(400, 50, seconds=1, pace=0.02) == 100  # never below the floor
-    assert campaign.fitted_steps(16, 8, seconds=-5, pace=1.0) == 16  # nor above what was asked
+@pytest.mark.parametrize("workers", [1, 8])
+def test_campaign_fits_its_fine_tunes_before_the_deadline(workers):
+    paces = {"adamw": 0.02, "microadam": 0.03, "microadam_sr": 0.03, "ista": 0.05}
+    counts = {"adamw": 14, "microadam": 40, "microadam_sr": 5, "ista": 0}
+    # Seconds per fine-tuning step of the whole plan: the runs shared by the workers, then two
+    # runs of the slowest kind that ran (AdamW, MicroAdam) after the others.
+    per_step = (14 * 0.02 + 45 * 0.03) / workers + 2 * 0.03
+    fit = lambda seconds, steps=400, every=50: campaign.fitted_steps(steps, every, seconds, paces, counts, workers)
+    assert fit(1e6) == 400
+    steps = fit(100 * per_step + 2)
+    assert steps % 50 == 0 and steps == 100
+    steps = fit(333 * per_step)
+    assert steps == 300 and steps * per_step <= 333 * per_step < (steps + 50) * per_step
+    assert fit(1) == 100  # never below the floor
+    assert fit(-5, steps=16, every=8) == 16  # nor above what was asked
+
+
+def test_campaign_counts_the_runs_of_its_plan():
+    n = campaign.plan_counts([("bf16", "well"), ("fp32", "weak")], 3, 2, ["microadam/density=0.1", "microadam_sr"])
+    # grids 3 + 3 and two LRs beyond an edge each; ours: top-k block (bf16, well), 2 alphas
+    # (fp32, weak), the dial's density at 2 LRs; the stochastic EF row per regime and the
+    # dial's at twice ours' LR; the authors' at 3 LRs (bf16, well).
+    assert n == {"adamw": 8, "microadam": 8 + 1 + 2 + 2, "microadam_sr": 3, "ista": 3}
