@@ -27,12 +27,12 @@ edge steps are). Independent runs go to --workers processes sharing the GPU
 fill the GPU. The runs and their results are those of --workers 1: each run is seeded, sees
 the same batches and depends on finished rows only.
 
-With --deadline-s, a probe times AdamW and MicroAdam steps with every worker busy, the
-fine-tunes are shortened (fitted_steps) where the plan would not fit at that pace, and a
-run that would still end past the deadline is recorded as skipped; one still running
-GRACE_S after it is cut off. When time runs short, what goes first: the well-trained
-start's grids, the weak start's grids, the dial, stochastic EF and the authors', then the
-top-k block and alpha. Kernel builds started beside this process (the .sh) end meanwhile:
+With --deadline-s, a probe times AdamW and MicroAdam steps with every worker busy (AdamW
+alone while our kernels still build), the fine-tunes are shortened (fitted_steps) where the
+plan would not fit at that pace, and a run that would still end past the deadline is
+recorded as skipped; one still running GRACE_S after it is cut off. When time runs short,
+what goes first: the well-trained start's grids, the weak start's grids, the dial,
+stochastic EF and the authors', then the top-k block and alpha. Kernel builds started beside this process (the .sh) end meanwhile:
 a run that needs one waits for it (convergence_workers.Gate).
 
 Writes, under --out: campaign.json (every run with its held-out curve, the starts, the
@@ -129,7 +129,8 @@ def parse_args(argv=None):
         regimes.append(tuple(r.split("/")))
     args.regimes = list(dict.fromkeys(regimes))
     if tuple(args.dial_regime.split("/")) not in args.regimes:
-        ap.error(f"--dial-regime: {args.dial_regime!r} is not one of --regimes ({', '.join(map('/'.join, args.regimes))})")
+        ap.error(f"--dial-regime: {args.dial_regime!r} is not one of --regimes "
+                 f"({', '.join(map('/'.join, args.regimes))})")
     args.dial_regime = tuple(args.dial_regime.split("/"))
     args.dial = [d for d in args.dial.split(",") if d]
     for d in args.dial:
@@ -144,7 +145,8 @@ def parse_args(argv=None):
     if args.workers < 1:
         ap.error(f"--workers: {args.workers} is below 1")
     if args.threads is None:
-        args.threads = torch.get_num_threads() if args.workers == 1 else max(1, (os.cpu_count() or 1) // (args.workers + 1))
+        cpus = os.cpu_count() or 1
+        args.threads = torch.get_num_threads() if args.workers == 1 else max(1, cpus // (args.workers + 1))
     if args.threads < 1:
         ap.error(f"--threads: {args.threads} is below 1")
     if not 0 < args.pretrain_share <= 1:
@@ -277,20 +279,20 @@ class Campaign:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- starts --------------------------------------------------------------------------
-    def pretrain(self, kind: str) -> None:
+    def pretrain(self, start: str) -> None:
         """The well-trained or weak start, fp32 weights, AdamW."""
         a, model = self.args, self.model
         model.to(torch.float32)
         model.load_state_dict(self.init)
         opt = convergence.make_optimizer("adamw", model, a.pretrain_lr, a.backend)
-        steps = a.pretrain_steps if kind == "well" else a.weak_steps
-        self.cargs.batch = a.pretrain_batch if kind == "well" else a.batch
+        steps = a.pretrain_steps if start == "well" else a.weak_steps
+        self.cargs.batch = a.pretrain_batch if start == "well" else a.batch
         try:
-            run = self.runner.train(model, opt, "pretrain", steps, f"pretrain {kind}")
+            run = self.runner.train(model, opt, "pretrain", steps, f"pretrain {start}")
             curve, total, stopped = run["curve"], steps, "schedule"
             self.pace["pretrain"] = pace = run["seconds_per_step"]
             chunk = max(1, steps // 10)
-            while kind == "well":  # at the schedule's final LR, until the last fifth gains < 1%
+            while start == "well":  # at the schedule's final LR, until the last fifth gains < 1%
                 gain = last_fifth_gain(curve)
                 stopped = ("too few evaluations" if gain is None else "plateau" if gain < 0.01 else
                            "cap" if total + chunk > a.pretrain_cap else
@@ -304,13 +306,13 @@ class Campaign:
         finally:
             self.cargs.batch = a.batch
         gain = last_fifth_gain(curve)
-        self.starts[kind] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.results["starts"][kind] = {
-            "steps": total, "schedule_steps": steps, "batch": a.pretrain_batch if kind == "well" else a.batch,
+        self.starts[start] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.results["starts"][start] = {
+            "steps": total, "schedule_steps": steps, "batch": a.pretrain_batch if start == "well" else a.batch,
             "last_fifth_gain": gain, "plateau": gain is not None and gain < 0.01, "stopped": stopped,
             "seconds_per_step": run["seconds_per_step"], "pretrain_eval_loss": curve[-1]["eval_loss"],
             "eval_loss_on_finetune_corpus": self.runner.evaluate(model, "finetune"),
-            "checksum": convergence.weights_checksum(self.starts[kind]),
+            "checksum": convergence.weights_checksum(self.starts[start]),
             "curve": [r for r in curve if "eval_loss" in r], "seconds": self.elapsed()}
         del opt
         self.save()
@@ -408,13 +410,15 @@ class Campaign:
                         yield 2, regime, name, lr * f
 
     def probe(self, pool) -> None:
-        """Seconds per step of AdamW and MicroAdam with every worker busy (into pace)."""
+        """Seconds per step of AdamW and MicroAdam (AdamW alone while our kernels still build)
+        with every worker busy (into pace)."""
         a = self.args
-        while not pool.ready() or self.gate.pending("microadam"):
+        while not pool.ready():
             if self.past() or not pool.live():
                 return
             pool.collect(0.5)
-        names = ("adamw", "microadam") if not self.gate.refusal("microadam") else ("adamw",)
+        ours = not (self.gate.pending("microadam") or self.gate.refusal("microadam"))
+        names = ("adamw", "microadam") if ours else ("adamw",)
         jobs = [self.job(a.dial_regime, names[i % len(names)], a.lrs[len(a.lrs) // 2], probe=True,
                          warm=min(5, a.eval_every), steps=a.eval_every) for i in range(max(2, pool.live()))]
         times: dict[str, list[float]] = {}

@@ -113,7 +113,8 @@ def _start_line(name: str, st: dict) -> str:
     plateau = ("reached the plateau (< 1%)" if st["plateau"] else
                f"did not reach the plateau (stopped: {st['stopped']})")
     return (f"{name} start: {st['steps']} AdamW steps of {st['batch']} sequences ({st['schedule_steps']} on the "
-            f"schedule), held-out loss {st['pretrain_eval_loss']:.4f}, last-fifth gain {_pct(st['last_fifth_gain'], '.2f')}"
+            f"schedule), held-out loss {st['pretrain_eval_loss']:.4f}, "
+            f"last-fifth gain {_pct(st['last_fifth_gain'], '.2f')}"
             + (f": {plateau}." if name == "Well-trained" else "."))
 
 
@@ -122,13 +123,16 @@ def header(camp: Campaign) -> list[str]:
     r, a = camp.results, camp.args
     steps, asked = r["finetune_steps"], r["args"]["finetune_steps"]
     probe = r.get("probe")
-    pace = (f"; probe: " + ", ".join(f"{k} {sum(v) / len(v):.4f} s/step" for k, v in probe["seconds_per_step"].items())
+    paces = probe and probe["seconds_per_step"].items()
+    pace = ("; probe: " + ", ".join(f"{k} {sum(v) / len(v):.4f} s/step" for k, v in paces)
             + f" with {probe['runs_side_by_side']} runs side by side" if probe else "")
     return [f"Model {a.size} ({r['params'] / 1e6:.1f} M-parameter byte-level Llama) on {r['device']}; pre-trained on "
-            f"'{r['pretrain_corpus']}', fine-tuned on '{r['finetune_corpus']}' for {steps} steps of {a.batch}x{a.seq_len} "
-            f"tokens" + (f" (asked: {asked}; fewer to fit the deadline)" if steps != asked else "")
-            + f"; held-out loss at the end. Fine-tunes in {r['workers']} process(es) side by side, "
-            f"{r['threads']} thread(s) each{pace}; {r.get('elapsed_s', camp.elapsed()):.0f} s in all.", "",
+            f"'{r['pretrain_corpus']}', fine-tuned on '{r['finetune_corpus']}' for {steps} steps of "
+            f"{a.batch}x{a.seq_len} tokens"
+            + (f" (asked: {asked}; fewer to fit the deadline)" if steps != asked else "")
+            + "; held-out loss at the end. Fine-tunes: " + (f"{r['workers']} processes side by side"
+                                                             if r["workers"] > 1 else "1 process")
+            + f", {r['threads']} torch thread(s) each{pace}; {r.get('elapsed_s', camp.elapsed()):.0f} s in all.", "",
             _start_line("Well-trained", r["starts"].get("well")) + " " + _start_line("Weak", r["starts"].get("weak")),
             ""]
 
@@ -140,10 +144,12 @@ def dial_lines(d: dict) -> list[str]:
     for x in d["rows"]:
         losses = ", ".join(f"{lr}: {_f(loss)}" for lr, loss in x["losses"].items()) or "-"
         step = x["frontier_step"]
-        step = ("-" if x["loss"] is None else "dominated" if step is None else "first" if "first" in step else
+        # The frontier's steps: what the added bytes bought against the previous setting on it.
+        step = ("-" if x["loss"] is None else "dominated" if step is None else "cheapest" if "first" in step else
                 f"{_pct(step['gap_change'], '+.2f')} for {step['bytes_added']:+.3f} B")
-        lines.append(f"| {x['label']} | {losses} | {_f(x['lr'], 'g')} | {_f(x['loss'])} | {_pct(x['gap_to_best_adamw'])} "
-                     f"| {_f(x['bytes_per_param'], '.3f')} | {_pct(x['vs_base'], '+.2f')} | {step} |")
+        lines.append(f"| {x['label']} | {losses} | {_f(x['lr'], 'g')} | {_f(x['loss'])} "
+                     f"| {_pct(x['gap_to_best_adamw'])} | {_f(x['bytes_per_param'], '.3f')} "
+                     f"| {_pct(x['vs_base'], '+.2f')} | {step} |")
     rows = {x["name"]: x for x in d["rows"]}
     if d["cheapest_within"]:
         c = rows[d["cheapest_within"]]
@@ -198,8 +204,8 @@ def plots(camp: Campaign, t: dict) -> list[str]:
     out = []
     regimes = [tuple(r) for r in camp.args.regimes]
     cols = min(2, len(regimes))
-    fig, axes = plt.subplots((len(regimes) + cols - 1) // cols, cols, figsize=(6 * cols, 4 * math.ceil(len(regimes) / cols)),
-                             squeeze=False)
+    rows = math.ceil(len(regimes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
     for ax in axes.flat[len(regimes):]:
         ax.set_axis_off()
     for ax, regime in zip(axes.flat, regimes):

@@ -122,8 +122,8 @@ SMALL = ["--tiny", "--no-progress", "--backend", "reference", "--pretrain-steps"
 
 
 def _campaign(out, *extra) -> dict:
-    run([sys.executable, os.path.join(ROOT, "benchmarks", "convergence_campaign.py"), *SMALL, *extra, "--out", str(out)],
-        timeout=280, env=env())
+    script = os.path.join(ROOT, "benchmarks", "convergence_campaign.py")
+    run([sys.executable, script, *SMALL, *extra, "--out", str(out)], timeout=280, env=env())
     return json.loads((out / "campaign.json").read_text())
 
 
@@ -180,7 +180,7 @@ def test_tiny_campaign_writes_the_regime_table(serial_campaign, tmp_path):
     assert res["starts"]["well"]["steps"] >= 16 and "last_fifth_gain" in res["starts"]["well"]
     assert (out / "campaign_regimes.png").stat().st_size > 10_000
     md = (out / "campaign.md").read_text()
-    assert "| fp32 | weak:" in md and "Model tiny" in md and "1 process" in md
+    assert "| fp32 | weak:" in md and "Model tiny" in md and "Fine-tunes: 1 process," in md
     late = _campaign(tmp_path, "--deadline-s", "1")
     assert late["runs"] and all(r.get("skipped") == "deadline" for r in late["runs"].values())
     assert late["starts"]["well"]["stopped"] == "deadline share"
