@@ -12,16 +12,19 @@ iteration the GPU's busy time (union of kernel intervals), the kernel time of th
 kernels and of the rest, and the kernels' count.
 
 Variants (comma list): microadam (ordinary step), sib (step_in_backward, side stream),
-sib_same (step_in_backward on the backward's own stream), sib_b64 / sib_b1024 (bucket MB),
+sib_same (step_in_backward on the backward's own stream), sib_b64 / sib_b512 / sib_b1024
+(bucket MB),
 sib_off / microadam_off (nonfinite="off"), adamw (torch AdamW fused).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
-import os
+import pstats
 import statistics
 import time
 
@@ -36,6 +39,7 @@ VARIANTS = {
     "sib": dict(step_in_backward=True),
     "sib_same": dict(step_in_backward=True, side=False),
     "sib_b64": dict(step_in_backward=True, backward_bucket_mb=64.0),
+    "sib_b512": dict(step_in_backward=True, backward_bucket_mb=512.0),
     "sib_b1024": dict(step_in_backward=True, backward_bucket_mb=1024.0),
     "sib_off": dict(step_in_backward=True, nonfinite="off"),
     "adamw": None,
@@ -102,10 +106,17 @@ def run_variant(name, model, config, args):
     flush_s = [0.0]
     if sib is not None:
         inner = sib.flush
+        # cProfile of the flushes alone: they run on autograd's device thread, where the
+        # profiler must be enabled.
+        profiler = cProfile.Profile() if name in args.cprofile.split(",") else None
 
         def timed_flush():
             t = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             inner()
+            if profiler is not None:
+                profiler.disable()
             flush_s[0] += time.perf_counter() - t
 
         sib.flush = timed_flush
@@ -129,7 +140,10 @@ def run_variant(name, model, config, args):
         return {"iter": t4 - t0, "forward_host": t1 - t0, "backward_host": t2 - t1, "step_host": t3 - t2,
                 "flush_host": flush_s[0], "groups": None}
 
+    mallocs = None
     for it in range(args.warmup + args.steps):
+        if it == args.warmup:
+            mallocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
         before = sib.flushes if sib is not None else 0
         r = iteration()
         r["groups"] = sib.flushes - before if sib is not None else None
@@ -141,9 +155,15 @@ def run_variant(name, model, config, args):
     res["groups"] = rows[-1]["groups"]
     res["iters_s"] = [r["iter"] for r in rows]
     res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    # cudaMalloc calls during the timed iterations (each may synchronize the device).
+    res["device_allocs"] = torch.cuda.memory_stats().get("num_device_alloc", 0) - mallocs
+    if sib is not None and profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.cprofile_lines)
+        res["flush_cprofile"] = text.getvalue()
+        print(f"-- {name}: flushes' host time by function (cProfile, own time) --\n" + text.getvalue(), flush=True)
     res.update(gpu_summary(prof))
     drop(opt)
-    del opt
     return res
 
 
@@ -154,14 +174,19 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--cprofile", default="", help="comma list of variants whose flushes cProfile profiles")
+    ap.add_argument("--cprofile-lines", type=int, default=30)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     margs = argparse.Namespace(tiny=False, layers=args.layers, seq_len=args.seq_len)
     model, config = build_model(margs, torch.device("cuda"))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "rows": {}}
     for name in args.variants.split(","):
-        r = out["rows"][name] = run_variant(name, model, config, args)
-        print(f"{name:14s} iter {r['iter'] * 1e3:7.1f} ms | host: fwd {r['forward_host'] * 1e3:6.1f} "
+        key = name
+        while key in out["rows"]:  # a variant named twice is measured twice
+            key += "+"
+        r = out["rows"][key] = run_variant(name, model, config, args)
+        print(f"{key:14s} iter {r['iter'] * 1e3:7.1f} ms | host: fwd {r['forward_host'] * 1e3:6.1f} "
               f"bwd {r['backward_host'] * 1e3:6.1f} (flush {r['flush_host'] * 1e3:5.1f}) step {r['step_host'] * 1e3:6.1f} "
               f"| gpu busy {r['gpu_busy_ms']:6.1f} span {r['gpu_span_ms']:6.1f} opt {r['optimizer_kernels_ms']:5.1f} "
               f"other {r['other_kernels_ms']:6.1f} n {r['kernels']} | peak {r['peak_gb']:.1f} GB groups {r['groups']}",
