@@ -204,14 +204,21 @@ def plan_counts(regimes, n_lrs: int, alphas: int, dial) -> dict[str, int]:
     return n
 
 
+def side_by_side(runs: float, workers: int, alone: float) -> float:
+    """A run's pace with `runs` side by side, relative to its pace with `workers`: a run alone
+    takes `alone` of that (bound by the host); more share the GPU's time, up to `workers`."""
+    return max(alone, min(runs, workers) / workers)
+
+
 def fitted_steps(steps: int, eval_every: int, seconds: float, paces: dict[str, float], counts: dict[str, int],
-                 workers: int, floor: int = 100) -> int:
+                 workers: int, alone: float = 1.0, floor: int = 100) -> int:
     """Fine-tuning steps for the plan's runs (`counts` by kind) to fit in `seconds`, at `paces`
     (seconds per step, evaluations included, with `workers` runs side by side), plus two runs
-    of the slowest kind for runs that wait for others: `steps` where they fit, else fewer, a
-    multiple of eval_every, but not below `floor` (nor above `steps`)."""
+    of the slowest kind alone (side_by_side) for runs that wait for others: `steps` where they
+    fit, else fewer, a multiple of eval_every, but not below `floor` (nor above `steps`)."""
     used = [k for k, n in counts.items() if n]
-    per_step = sum(counts[k] * paces[k] for k in used) / workers + 2 * max(paces[k] for k in used)
+    per_step = (sum(counts[k] * paces[k] for k in used) / workers
+                + 2 * max(paces[k] for k in used) * side_by_side(1, workers, alone))
     fit = int(seconds / per_step) // eval_every * eval_every
     return min(steps, max(floor, fit))
 
@@ -251,7 +258,11 @@ class Campaign:
         self.starts: dict[str, dict] = {}
         self.start_paths: dict[str, str] = {}
         self.tmp: str | None = None
+        # Seconds per step by kind with `width` runs side by side; a run alone takes `alone` of it.
         self.pace: dict[str, float] = {}
+        self.width, self.alone = args.workers, 1.0
+        self.load = [time.monotonic(), 0.0, 0]  # when, runs x seconds so far, runs in flight since
+        self.since: dict[str, tuple[float, float]] = {}  # by run in flight: account() at its start
         self.warnings: set[str] = set()
         self.results = {"args": {k: v for k, v in vars(args).items()}, "params": self.n_params,
                         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
@@ -338,15 +349,37 @@ class Campaign:
                 "steps": self.args.finetune_steps, "backend": self.gate.backend or self.args.backend,
                 "start_path": self.start_paths.get(s), **extra}
 
-    def pace_of(self, k: str) -> float:
-        """Seconds per step of kind k: measured (probe or last run), else guessed."""
-        return self.pace.get(k) or PACE_GUESS[k] * self.pace.get("adamw", self.pace.get("pretrain", 0.0))
+    def pace_of(self, k: str, runs: float | None = None) -> float:
+        """Seconds per step of kind k with `runs` side by side (default: width), measured (probe
+        or a finished run) or guessed."""
+        pace = self.pace.get(k) or PACE_GUESS[k] * self.pace.get("adamw", self.pace.get("pretrain", 0.0))
+        return pace * side_by_side(self.width if runs is None else runs, self.width, self.alone)
+
+    def account(self, pool) -> tuple[float, float]:
+        """(now, runs x seconds in flight so far), counting pool.busy() runs from now on."""
+        now = time.monotonic()
+        self.load[1] += self.load[2] * (now - self.load[0])
+        self.load[0], self.load[2] = now, pool.busy()
+        return now, self.load[1]
+
+    def submit(self, pool, job: dict) -> None:
+        pool.submit(job)
+        self.since[job["key"]] = self.account(pool)
+
+    def collect(self, pool, timeout: float) -> None:
+        """Records the runs that end within `timeout`, and their pace as if width ran side by side."""
+        rows = pool.collect(timeout)
+        now, area = self.account(pool)
+        for job, row in rows:
+            t0, area0 = self.since.pop(job["key"], (now, area))
+            if done(row) and now > t0:
+                runs = max(1.0, (area - area0) / (now - t0))  # side by side on average while it ran
+                self.pace[kind(job["name"])] = row["seconds_per_step"] / side_by_side(runs, self.width, self.alone)
+            self.record(job, row)
 
     def record(self, job: dict, row: dict) -> None:
         row.pop("failed", None)
         self.warnings.update(row.pop("warnings", ()))
-        if done(row):
-            self.pace[kind(job["name"])] = row["seconds_per_step"]
         row.update(weights=job["weights"], start=job["start"], name=job["name"], lr=job["lr"])
         self.results["runs"][job["key"]] = row
         print(f"[{self.elapsed():6.0f} s] {job['key']}: "
@@ -409,18 +442,8 @@ class Campaign:
                     for f in DIAL_LR_FACTORS:
                         yield 2, regime, name, lr * f
 
-    def probe(self, pool) -> None:
-        """Seconds per step of AdamW and MicroAdam (AdamW alone while our kernels still build)
-        with every worker busy (into pace)."""
-        a = self.args
-        while not pool.ready():
-            if self.past() or not pool.live():
-                return
-            pool.collect(0.5)
-        ours = not (self.gate.pending("microadam") or self.gate.refusal("microadam"))
-        names = ("adamw", "microadam") if ours else ("adamw",)
-        jobs = [self.job(a.dial_regime, names[i % len(names)], a.lrs[len(a.lrs) // 2], probe=True,
-                         warm=min(5, a.eval_every), steps=a.eval_every) for i in range(max(2, pool.live()))]
+    def timed(self, pool, jobs: list[dict]) -> dict[str, list[float]]:
+        """Seconds per step by kind of probe jobs, as many side by side as the pool takes."""
         times: dict[str, list[float]] = {}
         while (jobs or pool.busy()) and not self.past():
             while jobs and pool.free():
@@ -428,29 +451,52 @@ class Campaign:
             for job, row in pool.collect(1.0):
                 if "seconds_per_step" in row:
                     times.setdefault(kind(job["name"]), []).append(row["seconds_per_step"])
-        pool.cut()
-        self.pace.update({k: sum(v) / len(v) for k, v in times.items()})
-        self.results["probe"] = {"runs_side_by_side": pool.live(), "steps": a.eval_every, "seconds_per_step": times,
-                                 "seconds": self.elapsed()}
-        print(f"[{self.elapsed():6.0f} s] probe, {pool.live()} runs side by side: "
-              + ", ".join(f"{k} {sum(v) / len(v):.4f} s/step" for k, v in times.items()), flush=True)
+        pool.cut()  # probes still running at the deadline
+        return times
 
-    def fit_steps(self, pool) -> None:
+    def probe(self, pool) -> None:
+        """Seconds per step of AdamW and MicroAdam (AdamW alone while our kernels still build)
+        with every worker busy (into pace), and of AdamW alone (alone, relative to that)."""
+        a = self.args
+        while not pool.ready():
+            if self.past() or not pool.live():
+                return
+            pool.collect(0.5)
+        self.width = max(1, pool.live())
+        ours = not (self.gate.pending("microadam") or self.gate.refusal("microadam"))
+        names = ("adamw", "microadam") if ours else ("adamw",)
+
+        def probe(name):
+            return self.job(a.dial_regime, name, a.lrs[len(a.lrs) // 2], probe=True, warm=min(5, a.eval_every),
+                            steps=a.eval_every)
+        alone = self.timed(pool, [probe("adamw")]) if self.width > 1 else {}
+        times = self.timed(pool, [probe(names[i % len(names)]) for i in range(max(2, self.width))])
+        self.pace.update({k: sum(v) / len(v) for k, v in times.items()})
+        if alone and "adamw" in times:
+            self.alone = min(1.0, alone["adamw"][0] / self.pace["adamw"])
+        self.results["probe"] = {"runs_side_by_side": self.width, "seconds_per_step": times, "adamw_alone": alone.get(
+            "adamw"), "alone_ratio": self.alone, "seconds": self.elapsed()}
+        print(f"[{self.elapsed():6.0f} s] probe, {self.width} runs side by side: "
+              + ", ".join(f"{k} {sum(v) / len(v):.4f} s/step" for k, v in times.items())
+              + f"; a run alone at {self.alone:.2f} of that", flush=True)
+
+    def fit_steps(self) -> None:
         """With a deadline: fewer fine-tuning steps where the plan would not fit (fitted_steps)."""
         a = self.args
         counts = plan_counts(a.regimes, len(a.lrs), len(a.alphas), a.dial)
         steps = fitted_steps(a.finetune_steps, a.eval_every, a.deadline_s - self.elapsed(),
-                             {k: self.pace_of(k) for k in counts}, counts, max(1, pool.live()))
+                             {k: self.pace_of(k) for k in counts}, counts, self.width, self.alone)
         if steps != a.finetune_steps:
             print(f"fine-tuning steps {a.finetune_steps} -> {steps}: the plan fits before the deadline", flush=True)
         self.results["finetune_steps"] = a.finetune_steps = steps
 
     def dispatch(self, queued: list, pool) -> None:
-        """Queued runs to free workers by priority; one that cannot run is recorded as skipped."""
+        """Queued runs to free workers by priority; one that cannot run is recorded as skipped
+        (its pace: with the runs in flight and those queued side by side)."""
         while queued:
             job = queued[0][2]
-            k = kind(job["name"])
-            why = ("deadline" if self.past(self.pace_of(k) * job["steps"] * 1.05) else
+            pace = self.pace_of(kind(job["name"]), min(self.width, pool.busy() + len(queued)))
+            why = ("deadline" if self.past(pace * job["steps"] * 1.05) else
                    self.gate.refusal(job["name"]) or ("no worker process left" if not pool.live() else ""))
             if not why and not pool.free():
                 return
@@ -458,7 +504,7 @@ class Campaign:
             if why:
                 self.record(job, {"label": convergence.optimizer_spec(job["name"])["label"], "skipped": why})
             else:
-                pool.submit(job)
+                self.submit(pool, job)
 
     def queue(self, queued: list, seen: set) -> bool:
         """Queues the plan's runs not queued yet; returns whether some wait for a build."""
@@ -485,8 +531,7 @@ class Campaign:
                     return
                 if queued:
                     continue
-            for job, row in pool.collect(1.0):
-                self.record(job, row)
+            self.collect(pool, 1.0)
             if self.past(-GRACE_S):
                 for job, row in pool.cut():
                     self.record(job, row)
@@ -499,7 +544,7 @@ class Campaign:
         if self.args.deadline_s:
             if not self.past():
                 self.probe(pool)
-            self.fit_steps(pool)
+            self.fit_steps()
         self.finetunes(pool)
         order = {r: i for i, r in enumerate(self.args.regimes)}
         self.results["runs"] = dict(sorted(self.results["runs"].items(), key=lambda kv: (

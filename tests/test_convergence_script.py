@@ -210,14 +210,16 @@ def test_campaign_takes_the_authors_topk_block_where_ours_can():
     assert campaign.their_topk_block({}) is None
 
 
-@pytest.mark.parametrize("workers", [1, 8])
-def test_campaign_fits_its_fine_tunes_before_the_deadline(workers):
+@pytest.mark.parametrize("workers,alone", [(1, 1.0), (8, 0.25), (8, 0.05)])
+def test_campaign_fits_its_fine_tunes_before_the_deadline(workers, alone):
     paces = {"adamw": 0.02, "microadam": 0.03, "microadam_sr": 0.03, "ista": 0.05}
     counts = {"adamw": 14, "microadam": 40, "microadam_sr": 5, "ista": 0}
     # Seconds per fine-tuning step of the whole plan: the runs shared by the workers, then two
-    # runs of the slowest kind that ran (AdamW, MicroAdam) after the others.
-    per_step = (14 * 0.02 + 45 * 0.03) / workers + 2 * 0.03
-    fit = lambda seconds, steps=400, every=50: campaign.fitted_steps(steps, every, seconds, paces, counts, workers)
+    # runs of the slowest kind that ran (MicroAdam) after the others, alone: `alone` of its pace
+    # with every worker busy, but no less than its share of the GPU.
+    per_step = (14 * 0.02 + 45 * 0.03) / workers + 2 * 0.03 * max(alone, 1 / workers)
+    fit = lambda seconds, steps=400, every=50: campaign.fitted_steps(steps, every, seconds, paces, counts, workers,
+                                                                     alone)
     assert fit(1e6) == 400
     steps = fit(100 * per_step + 2)
     assert steps % 50 == 0 and steps == 100
