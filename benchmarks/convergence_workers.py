@@ -160,6 +160,7 @@ class Workers:
         self.tasks: list = [None] * n
         self.jobs: list[dict | None] = [None] * n
         self.up = [False] * n
+        self.leaving: set[int] = set()  # workers that sent a failed run's row: they exit
         for i in range(n):
             self._start(i)
 
@@ -169,13 +170,15 @@ class Workers:
                                                                    self.events), daemon=True)
         self.procs[i].start()
         self.jobs[i], self.up[i] = None, False
+        self.leaving.discard(i)
 
     def ready(self) -> bool:
         """Whether every live worker has set up."""
         return all(self.up[i] for i, p in enumerate(self.procs) if p is not None)
 
     def _free(self) -> list[int]:
-        return [i for i, p in enumerate(self.procs) if p is not None and self.up[i] and self.jobs[i] is None]
+        return [i for i, p in enumerate(self.procs)
+                if p is not None and self.up[i] and self.jobs[i] is None and i not in self.leaving]
 
     def free(self) -> int:
         return len(self._free())
@@ -209,6 +212,8 @@ class Workers:
             elif what == "row" and self.jobs[i] is not None:
                 out.append((self.jobs[i], data))
                 self.jobs[i] = None
+                if data.get("failed"):
+                    self.leaving.add(i)
             elif what == "setup failed":
                 print(f"worker {i} failed to set up:\n{data}", flush=True)
         for i in dead:
