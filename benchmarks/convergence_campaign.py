@@ -35,9 +35,10 @@ what goes first: the well-trained start's grids, the weak start's grids, the dia
 stochastic EF and the authors', then the top-k block and alpha. Kernel builds started beside this process (the .sh) end meanwhile:
 a run that needs one waits for it (convergence_workers.Gate).
 
-Writes, under --out: campaign.json (every run with its held-out curve, the starts, the
-probe, the tables), campaign.md (the tables), campaign_regimes.png (held-out loss per
-regime) and campaign_dial.png (loss gap against optimizer bytes per parameter).
+Writes, under --out (names with _TAG after "campaign" given --tag): campaign.json (every
+run with its held-out curve, the starts, the probe, the tables), campaign.md (the tables),
+campaign_regimes.png (held-out loss per regime) and campaign_dial.png (loss gap against
+optimizer bytes per parameter).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def parse_args(argv=None):
     ap.add_argument("--backend", default="auto", choices=("auto", "reference", "cuda"))
     ap.add_argument("--ista-src", default=None, help="see benchmarks/authors_microadam.py")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "convergence"))
+    ap.add_argument("--tag", default="", help="file names: campaign_TAG.json, ... (default: campaign.json, ...)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -273,6 +275,10 @@ class Campaign:
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
+    def path(self, suffix: str) -> str:
+        """--out/campaign[_TAG]SUFFIX."""
+        return os.path.join(self.args.out, "campaign" + (f"_{self.args.tag}" if self.args.tag else "") + suffix)
+
     def past(self, seconds: float = 0.0) -> bool:
         """Whether the deadline (if any) is less than `seconds` away."""
         return bool(self.args.deadline_s) and self.elapsed() + seconds > self.args.deadline_s
@@ -280,7 +286,7 @@ class Campaign:
     def save(self) -> None:
         os.makedirs(self.args.out, exist_ok=True)
         self.results["elapsed_s"] = self.elapsed()
-        with open(os.path.join(self.args.out, "campaign.json"), "w") as f:
+        with open(self.path(".json"), "w") as f:
             json.dump(self.results, f, indent=1)
 
     def close(self) -> None:
@@ -568,7 +574,7 @@ def main(argv=None) -> dict:
     camp.results["warnings"] = sorted(camp.warnings | {f"{w.category.__name__}: {w.message}"[:400] for w in caught})
     camp.save()
     md = convergence_report.markdown(camp, t)
-    with open(os.path.join(args.out, "campaign.md"), "w") as f:
+    with open(camp.path(".md"), "w") as f:
         f.write(md)
     print("\n" + md)
     for path in convergence_report.plots(camp, t):

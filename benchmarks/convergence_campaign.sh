@@ -7,8 +7,8 @@
 #   python3 -m pip download --no-deps -d .whl ista-daslab-optimizers==1.1.15 ista-daslab-optimizers-cuda==1.1.0
 # (a pure-Python wheel and the CUDA sdist); without them its rows say why they did not run.
 # Usage (repository root): OUT=dir DEADLINE=540 bash benchmarks/convergence_campaign.sh [campaign arguments]
-# Writes under $OUT: campaign.json, campaign.md, campaign_regimes.png, campaign_dial.png,
-# campaign.log, build_ours.log, build_authors.log.
+# Writes under $OUT: campaign.json, campaign.md, campaign_regimes.png, campaign_dial.png
+# (campaign_TAG.* given --tag TAG), campaign.log, build_ours.log, build_authors.log.
 set -o pipefail
 OUT=${OUT:-/tmp/convergence_campaign}; mkdir -p "$OUT"
 # The package from this checkout (a bare GPU machine has it installed nowhere).

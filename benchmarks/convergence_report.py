@@ -8,7 +8,6 @@ the quality-memory dial, as dicts (kept in campaign.json); `markdown(camp, table
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING
 
 from convergence_campaign import DIAL_LR_FACTORS, best_lr, done, gap, their_topk_block
@@ -220,7 +219,7 @@ def plots(camp: Campaign, t: dict) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out.append(os.path.join(camp.args.out, "campaign_regimes.png"))
+    out.append(camp.path("_regimes.png"))
     fig.savefig(out[-1], dpi=110)
     plt.close(fig)
     points = [d for d in t["dial"]["rows"] if d["gap_to_best_adamw"] is not None]
@@ -238,7 +237,7 @@ def plots(camp: Campaign, t: dict) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        out.append(os.path.join(camp.args.out, "campaign_dial.png"))
+        out.append(camp.path("_dial.png"))
         fig.savefig(out[-1], dpi=110)
         plt.close(fig)
     return out
