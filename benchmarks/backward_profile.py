@@ -11,9 +11,9 @@ GPU), the host time spent inside the groups' flushes, the peak memory, and from 
 iteration the GPU's busy time (union of kernel intervals), the kernel time of the optimizer's
 kernels and of the rest, and the kernels' count.
 
-Variants (comma list): microadam (ordinary step), sib (step_in_backward, side stream),
-sib_same (step_in_backward on the backward's own stream), sib_b64 / sib_b512 / sib_b1024
-(bucket MB),
+Variants (comma list): microadam (ordinary step), sib (step_in_backward, side stream, default
+buckets), sib_same (the same on the backward's own stream), sib_b64 / sib_b256 / sib_b512 /
+sib_b1024 (bucket MB),
 sib_off / microadam_off (nonfinite="off"), adamw (torch AdamW fused).
 """
 
@@ -39,6 +39,7 @@ VARIANTS = {
     "sib": dict(step_in_backward=True),
     "sib_same": dict(step_in_backward=True, side=False),
     "sib_b64": dict(step_in_backward=True, backward_bucket_mb=64.0),
+    "sib_b256": dict(step_in_backward=True, backward_bucket_mb=256.0),
     "sib_b512": dict(step_in_backward=True, backward_bucket_mb=512.0),
     "sib_b1024": dict(step_in_backward=True, backward_bucket_mb=1024.0),
     "sib_off": dict(step_in_backward=True, nonfinite="off"),

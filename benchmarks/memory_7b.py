@@ -55,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512; --tiny 32)")
     ap.add_argument("--m", type=int, default=10)
     ap.add_argument("--density", type=float, default=0.01)
-    ap.add_argument("--bucket-mb", type=float, default=256.0, help="step_in_backward's backward_bucket_mb")
+    ap.add_argument("--bucket-mb", type=float, default=None, help="step_in_backward's backward_bucket_mb (default: the optimizer's)")
     ap.add_argument("--out", default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     for key, full, tiny in (("steps", 10, 2), ("warmup", 3, 1), ("seq_len", 512, 32)):

@@ -15,8 +15,9 @@ backward needs them).
 
 Groups. A param whose gradient is ready joins a pending list; the list is stepped as one
 group (one plan, one gradient check, the fused kernels for all of it) once it holds
-`backward_bucket_mb` of gradients, before a gradient that lives on another CUDA stream
-joins it, and at the end of backward (an autograd final callback). So a step costs about
+`backward_bucket_mb` of gradients (default: a sixteenth of all of them), before a gradient
+that lives on another CUDA stream joins it, and at the end of backward (an autograd final
+callback). So a step costs about
 as many launches as the buckets, not one per tensor. On a GPU the kernels of plain params
 run on a side stream, so that they overlap the rest of backward (`_stream_for`).
 
@@ -61,11 +62,20 @@ SCALER_REFUSAL = (
     "or check them. Train in bf16 (no loss scaling), or use step_in_backward=False")
 
 
+# backward_bucket_mb=None: buckets of a sixteenth of every gradient, so that a step makes
+# about 16 groups whatever the model's size. A group costs about as much host time as an
+# ordinary step's fixed part, and a host-bound backward pays it in full; the bucket is the
+# memory that grouping adds to the peak (1/16 of the gradients), and at least AUTO_MIN_BYTES.
+AUTO_GROUPS = 16
+AUTO_MIN_BYTES = 32 * 2**20
+
+
 def validate(step_in_backward: Any, backward_bucket_mb: Any, max_grad_norm_per_tensor: Any) -> None:
     """The constructor's checks of the three step-in-backward options (ValueError naming the field)."""
     if not isinstance(step_in_backward, bool):
         raise ValueError(f"Invalid step_in_backward: {step_in_backward!r}; expected True or False")
-    _check_real("backward_bucket_mb", backward_bucket_mb, low=0.0, low_open=True)
+    if backward_bucket_mb is not None:
+        _check_real("backward_bucket_mb", backward_bucket_mb, low=0.0, low_open=True)
     if max_grad_norm_per_tensor is not None:
         _check_real("max_grad_norm_per_tensor", max_grad_norm_per_tensor, low=0.0, low_open=True)
         if not step_in_backward:
@@ -113,9 +123,10 @@ class StepInBackward:
 
     `flushes` counts the groups stepped so far (tests and benchmarks read it)."""
 
-    def __init__(self, optimizer, bucket_mb: float, max_grad_norm_per_tensor: float | None) -> None:
+    def __init__(self, optimizer, bucket_mb: float | None, max_grad_norm_per_tensor: float | None) -> None:
         self.opt = optimizer
-        self.bucket_bytes = max(1, int(float(bucket_mb) * 2**20))
+        self._bucket_mb = bucket_mb
+        self.bucket_bytes = 1 if bucket_mb is None else max(1, int(float(bucket_mb) * 2**20))  # refresh() sizes None
         self.max_norm = None if max_grad_norm_per_tensor is None else float(max_grad_norm_per_tensor)
         self.flushes = 0
         self._hooks: dict[int, tuple[torch.Tensor, Any]] = {}  # id(param) -> (param, hook handle)
@@ -183,6 +194,10 @@ class StepInBackward:
                 self._hooks[id(p)] = (p, p.register_post_accumulate_grad_hook(self._on_grad_hook))
         for key in [k for k in self._hooks if k not in where]:
             self._hooks.pop(key)[1].remove()
+        if self._bucket_mb is None:
+            # Global sizes (a DTensor's numel is its whole param's): every FSDP rank cuts alike.
+            total = sum(p.numel() * p.element_size() for g in groups for p in g["params"] if p.requires_grad)
+            self.bucket_bytes = max(AUTO_MIN_BYTES, -(-total // AUTO_GROUPS))
         self._where, self._seen, self._no_grad = where, seen, no_grad
 
     def _before_forward(self, module: torch.nn.Module) -> None:

@@ -46,7 +46,8 @@ class MicroAdam(torch.optim.Optimizer):
             ``step()`` then completes the step. Non-finite gradients are skipped per tensor.
             See backward.py and docs/configuration.md for what cannot combine with it.
         backward_bucket_mb: with step_in_backward, megabytes of gradients stepped together
-            (one group of kernel launches).
+            (one group of kernel launches); None: a sixteenth of all the params' gradient
+            bytes, at least 32 MB (backward.py, AUTO_GROUPS).
         max_grad_norm_per_tensor: with step_in_backward, clip each gradient to this L2 norm
             before its step (global-norm clipping cannot run inside backward).
 
@@ -59,7 +60,7 @@ class MicroAdam(torch.optim.Optimizer):
                  weight_decay: float = 0.0, m: int = 10, density: float | None = None,
                  topk_block: int = 4096, quant_block: int | None = None,
                  ef_rounding: str = "nearest", nonfinite: str = "skip", backend: str = "auto",
-                 step_in_backward: bool = False, backward_bucket_mb: float = 256.0,
+                 step_in_backward: bool = False, backward_bucket_mb: float | None = None,
                  max_grad_norm_per_tensor: float | None = None, **aliases: Any) -> None:
         given = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m,
                      topk_block=topk_block, ef_rounding=ef_rounding, nonfinite=nonfinite,

@@ -359,3 +359,21 @@ def test_a_backward_that_raised_does_not_break_the_next(seed):
     oa.step()
     assert grads_released(mb) and {int(s["step"]) for s in ob.state.values()} == {1}
     assert_same(snapshot(ma, oa), snapshot(mb, ob), "after a failed backward")
+
+
+def test_default_bucket_is_a_sixteenth_of_the_gradients(seed):
+    """backward_bucket_mb=None: buckets of ceil(total gradient bytes / 16), at least 32 MiB,
+    recomputed when the param groups change. Meta tensors: sizes without memory."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [int(r) for r in torch.randint(512, 4096, (20,), generator=gen)]
+    big = [torch.nn.Parameter(torch.empty(r, 4096, device="meta")) for r in rows]  # 0.6-1.3 GiB fp32
+    opt = MicroAdam(big[:-1], step_in_backward=True)
+    total = 4 * 4096 * sum(rows[:-1])
+    assert opt._backward.bucket_bytes == max(32 * 2**20, -(-total // 16))
+    opt.add_param_group({"params": [big[-1]]})
+    assert opt._backward.bucket_bytes == max(32 * 2**20, -(-(total + 4 * 4096 * rows[-1]) // 16))
+    small = MicroAdam([torch.nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16))], step_in_backward=True)
+    assert small._backward.bucket_bytes == 32 * 2**20
+    frozen = torch.nn.Parameter(torch.empty(2**20, 64, device="meta"), requires_grad=False)
+    assert MicroAdam([frozen, big[0]], step_in_backward=True)._backward.bucket_bytes == 32 * 2**20
+    assert MicroAdam(big, step_in_backward=True, backward_bucket_mb=1.5)._backward.bucket_bytes == int(1.5 * 2**20)
