@@ -11,10 +11,9 @@ GPU), the host time spent inside the groups' flushes, the peak memory, and from 
 iteration the GPU's busy time (union of kernel intervals), the kernel time of the optimizer's
 kernels and of the rest, and the kernels' count.
 
-Variants (comma list): microadam (ordinary step), sib (step_in_backward, side stream, default
-buckets), sib_same (the same on the backward's own stream), sib_b64 / sib_b256 / sib_b512 /
-sib_b1024 (bucket MB),
-sib_off / microadam_off (nonfinite="off"), adamw (torch AdamW fused).
+Variants (comma list): microadam (ordinary step), sib (step_in_backward, default buckets),
+sib_b64 / sib_b256 / sib_b512 / sib_b1024 (bucket MB), sib_off / microadam_off
+(nonfinite="off"), adamw (torch AdamW fused).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ VARIANTS = {
     "microadam": dict(),
     "microadam_off": dict(nonfinite="off"),
     "sib": dict(step_in_backward=True),
-    "sib_same": dict(step_in_backward=True, side=False),
     "sib_b64": dict(step_in_backward=True, backward_bucket_mb=64.0),
     "sib_b256": dict(step_in_backward=True, backward_bucket_mb=256.0),
     "sib_b512": dict(step_in_backward=True, backward_bucket_mb=512.0),
@@ -52,12 +50,7 @@ def make(name, model):
     spec = VARIANTS[name]
     if spec is None:
         return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    spec = dict(spec)
-    side = spec.pop("side", True)
-    opt = MicroAdam(model.parameters(), lr=1e-5, **spec)
-    if opt._backward is not None:
-        opt._backward.side_stream = side
-    return opt
+    return MicroAdam(model.parameters(), lr=1e-5, **spec)
 
 
 def drop(opt):
@@ -171,7 +164,7 @@ def run_variant(name, model, config, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--variants", default="microadam,sib,sib_same,sib_b1024,sib_b64,sib_off,microadam_off,adamw")
+    ap.add_argument("--variants", default="microadam,sib,sib_b256,sib_b1024,sib_b64,sib_off,microadam_off,adamw")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=512)

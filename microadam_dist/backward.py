@@ -17,9 +17,10 @@ Groups. A param whose gradient is ready joins a pending list; the list is steppe
 group (one plan, one gradient check, the fused kernels for all of it) once it holds
 `backward_bucket_mb` of gradients (default: a sixteenth of all of them), before a gradient
 that lives on another CUDA stream joins it, and at the end of backward (an autograd final
-callback). So a step costs about
-as many launches as the buckets, not one per tensor. On a GPU the kernels of plain params
-run on a side stream, so that they overlap the rest of backward (`_stream_for`).
+callback). So a step costs about as many launches as the buckets, not one per tensor. The
+kernels go to the stream that produced the gradients: the backward of a fine-tune is bound
+by the host (its kernels are small and many), so they run in the GPU's idle gaps between
+the layers' kernels, and a side stream would only add host time (docs/performance.md).
 
 Non-finite gradients. Earlier groups have already been stepped when a later gradient
 arrives, so the unit of skipping is the tensor: a tensor whose gradient holds a NaN or an
@@ -137,8 +138,6 @@ class StepInBackward:
         self._pending_bytes = 0
         self._stream = None  # the CUDA stream of the pending gradients (None on the CPU)
         self._streams: dict[Any, Any] = {}  # streams stepped on in this backward
-        self.side_stream = True  # plain CUDA params: step on a side stream (_stream_for)
-        self._side: dict[Any, Any] = {}  # device -> its side stream
         # Autograd graph tasks (backward calls) whose end-of-backward callback is queued: by id,
         # so that a backward that raised (its callbacks never run) does not block the next one's.
         self._queued: set[int] = set()
@@ -265,8 +264,8 @@ class StepInBackward:
         self.join()
 
     def join(self) -> None:
-        """Make the current stream wait for the groups stepped on other streams (the side
-        stream, FSDP2's reduce-scatter stream), so that what runs next reads stepped params.
+        """Make the current stream wait for the groups stepped on other streams (FSDP2's
+        reduce-scatter stream), so that what runs next reads stepped params.
         Runs at the end of backward, and in settle() for a backward that raised before its end."""
         for stream in self._streams.values():
             current = torch.cuda.current_stream(stream.device)
@@ -286,8 +285,7 @@ class StepInBackward:
         work = self._work(pending)
         plan, fresh = opt._plan(work)
         fresh_ids = {id(p) for p in fresh}
-        run_on = self._stream_for(stream, work)
-        place = torch.cuda.stream(run_on) if run_on is not None else contextlib.nullcontext()
+        place = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         try:
             with place:
                 for name, device, run, jobs, hp in plan:
@@ -295,34 +293,11 @@ class StepInBackward:
         except BaseException:
             opt._forget(fresh)
             raise
-        if run_on is not None:
-            self._streams[run_on] = run_on
+        if stream is not None:
+            self._streams[stream] = stream
         self.flushes += 1
         for p, _ in pending:
             p.grad = None
-
-    def _stream_for(self, stream, work: list):
-        """The CUDA stream a group's kernels run on (None on the CPU). Plain tensors: a side
-        stream of the device, ordered after everything the backward has queued so far (the
-        gradients), so that the kernels overlap the rest of backward instead of delaying it;
-        each gradient is marked as used there, so the caching allocator does not hand its
-        memory to the backward before the kernels have read it. Params are not read again
-        before the next forward (a param's gradient is complete only after every node that
-        uses it has run), and the end-of-backward callback makes the caller's stream wait for
-        the side stream. Sharded (DTensor) params stay on the stream that produced their
-        gradients: FSDP2 runs their hooks on its reduce-scatter stream, already beside compute."""
-        if stream is None or not self.side_stream:
-            return stream
-        grads = [g for _, items in work for _, _, g, _ in items]
-        if any(p_local is not p for _, items in work for p, p_local, _, _ in items):
-            return stream
-        side = self._side.get(stream.device)
-        if side is None:
-            side = self._side[stream.device] = torch.cuda.Stream(stream.device)
-        side.wait_stream(stream)
-        for g in grads:
-            g.record_stream(side)
-        return side
 
     def _work(self, pending: list) -> list:
         """step()'s work list for the pending params, in param-group order."""
