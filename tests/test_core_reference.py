@@ -210,7 +210,10 @@ def test_alpha_moves_every_param_and_keeps_1_minus_alpha_of_the_ef(alpha, seed):
     e = oracle.dequantize(oracle.OracleState(oracle.unpack_nibbles(s0["ef"].numpy(), n), s0["ef_min"].double().numpy(),
                                              s0["ef_max"].double().numpy(), [], 1), n, 64)
     moved = (p1 != t1).numpy()
-    assert np.all(moved[e != 0]) and moved.sum() > 0.9 * n
+    # Every param whose alpha term is at least a float32 ulp of it moved (a smaller one may
+    # round away: a dequantized EF can lie arbitrarily close to 0); the next line checks sizes.
+    visible = np.abs(lr * alpha * e) >= np.spacing(np.abs(t1.numpy()))
+    assert np.all(moved[visible]) and moved.sum() > 0.9 * n
     np.testing.assert_allclose((p1 - p0).double().numpy(), -lr * alpha * e, rtol=1e-5, atol=3e-7)
 
 
