@@ -201,6 +201,13 @@ def plots(camp: Campaign, t: dict) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out = []
+
+    def save(fig, suffix: str) -> None:
+        fig.tight_layout()
+        out.append(camp.path(suffix))
+        fig.savefig(out[-1], dpi=110)
+        plt.close(fig)
+
     regimes = [tuple(r) for r in camp.args.regimes]
     cols = min(2, len(regimes))
     rows = math.ceil(len(regimes) / cols)
@@ -218,10 +225,7 @@ def plots(camp: Campaign, t: dict) -> list[str]:
         ax.set(title=f"{regime[0]} weights, {start} start", xlabel="step", ylabel="held-out loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.append(camp.path("_regimes.png"))
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "_regimes.png")
     points = [d for d in t["dial"]["rows"] if d["gap_to_best_adamw"] is not None]
     if points:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -236,8 +240,5 @@ def plots(camp: Campaign, t: dict) -> list[str]:
                title=f"quality-memory dial ({t['dial']['weights']} weights, {t['dial']['start']} start)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        out.append(camp.path("_dial.png"))
-        fig.savefig(out[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "_dial.png")
     return out
