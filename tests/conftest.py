@@ -11,8 +11,9 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py, tests/helpers
 
 @pytest.fixture
 def seed():
-    """A fresh seed per test, printed so that a failure can be replayed."""
-    s = int.from_bytes(os.urandom(4), "little")
+    """A fresh seed per test, printed so that a failure can be replayed: TEST_SEED=<seed>
+    pytest <test id> runs it again with that seed."""
+    s = int(os.environ.get("TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"random seed: {s}")
     torch.manual_seed(s)
     np.random.seed(s % 2**32)
