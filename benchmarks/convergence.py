@@ -304,12 +304,23 @@ def summarize(results: dict) -> None:
               f"{r['seconds_per_step']:>7.3f}")
 
 
+def cast_weights(model, dtype: torch.dtype) -> None:
+    """model.to(dtype), with the buffers that no state_dict carries (the rotary frequencies) set
+    from their values at the first call: a run in fp32 after one in bf16 must not inherit
+    bf16-rounded frequencies."""
+    kept = model.__dict__.setdefault("_buffers_first_seen", {n: b.detach().clone() for n, b in model.named_buffers()})
+    model.to(dtype)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(kept[n])
+
+
 def finetune(runner: Runner, model, start: dict, name: str, steps: int, lr: float | None = None) -> dict:
     """One fine-tuning row from `start` (weights in runner.dtype): its curve, final held-out
     loss and state bytes, or {"label", "skipped": why} where the optimizer cannot run here."""
     a = runner.args
     spec = optimizer_spec(name)
-    model.to(runner.dtype)
+    cast_weights(model, runner.dtype)
     model.load_state_dict(start)
     try:
         opt = make_optimizer(name, model, a.lr if lr is None else lr, a.backend, spec, a.ista_src)

@@ -18,8 +18,8 @@ regimes (--regimes), every run on the same batches and schedule. In each regime:
      it is meant to help; the authors' MicroAdam in the bf16 regimes (at every grid LR from
      the well-trained start, at ours' best from the weak one) and ours with the authors'
      top-k block (sized by their code to the GPU);
-  3. the quality-memory dial (--dial, in --dial-regime): each setting at ours' best LR and
-     at twice it; a setting counts with the better of the two.
+  3. the quality-memory dial (--dial, in --dial-regime): each setting at ours' best LR times
+     each of --dial-lr-factors (1 and 2); a setting counts with its best.
 
 A run starts once what it depends on has finished (ours' best LR is final once its grid and
 edge steps are). Independent runs go to --workers processes sharing the GPU
@@ -70,7 +70,7 @@ DIAL = ("microadam/density=0.02", "microadam/density=0.05", "microadam/density=0
         "microadam/m=5/density=0.02", "microadam/m=5/density=0.05", "microadam/m=5/density=0.1",
         "microadam/m=3/density=0.1", "microadam/m=3/density=0.2",
         "microadam_sr", "microadam/quant_block=64", "microadam/alpha=0.1")
-DIAL_LR_FACTORS = (1, 2)  # times ours' best LR
+DIAL_LR_FACTORS = "1,2"  # times ours' best LR (--dial-lr-factors)
 EDGE_STEPS = 2  # LRs tried beyond a grid's edge, at most (a factor 4)
 # Seconds per step before a kind has run, as multiples of AdamW's (or of the pre-training's).
 PACE_GUESS = {"adamw": 1.0, "microadam": 1.3, "microadam_sr": 1.3, "ista": 2.0}
@@ -102,6 +102,12 @@ def parse_args(argv=None):
     ap.add_argument("--dial", default=",".join(DIAL),
                     help="the dial's settings: microadam or microadam_sr entries of convergence.py, without lr")
     ap.add_argument("--dial-regime", default="fp32/well", help="the regime of the dial (one of --regimes)")
+    ap.add_argument("--dial-lr-factors", default=DIAL_LR_FACTORS,
+                    help="the dial's LRs, as multiples of ours' best LR in its regime")
+    ap.add_argument("--starts", default=None,
+                    help="a folder keeping the starts: each found there (START.pt and its record in starts.json, "
+                         "made by an earlier run with the same --size and --seq-len) is loaded instead of "
+                         "pre-trained; each pre-trained is saved there")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=16_000_000, help="train tokens read per corpus")
@@ -135,6 +141,12 @@ def parse_args(argv=None):
                  f"({', '.join(map('/'.join, args.regimes))})")
     args.dial_regime = tuple(args.dial_regime.split("/"))
     args.dial = [d for d in args.dial.split(",") if d]
+    try:
+        args.dial_lr_factors = sorted({float(x) for x in args.dial_lr_factors.split(",")})
+    except ValueError:
+        ap.error(f"--dial-lr-factors: {args.dial_lr_factors!r} is not a list of numbers")
+    if not args.dial_lr_factors or min(args.dial_lr_factors) <= 0:
+        ap.error(f"--dial-lr-factors: {args.dial_lr_factors} must hold positive numbers")
     for d in args.dial:
         try:
             spec = convergence.optimizer_spec(d)
@@ -190,7 +202,7 @@ def last_fifth_gain(curve: list[dict]) -> float | None:
     return (before[-1] - end) / before[-1] if before else None
 
 
-def plan_counts(regimes, n_lrs: int, alphas: int, dial) -> dict[str, int]:
+def plan_counts(regimes, n_lrs: int, alphas: int, dial, lr_factors=(1.0, 2.0)) -> dict[str, int]:
     """Runs of the plan by kind, with EDGE_STEPS runs beyond an edge per grid optimizer (the
     dial's microadam_sr at ours' best LR is the regime's stochastic-EF row)."""
     n = dict.fromkeys(PACE_GUESS, 0)
@@ -202,7 +214,7 @@ def plan_counts(regimes, n_lrs: int, alphas: int, dial) -> dict[str, int]:
         n["microadam_sr"] += 1
         n["ista"] += (n_lrs if s == "well" else 1) if w == "bf16" else 0
     for name in dial:
-        n[kind(name)] += len(DIAL_LR_FACTORS) - (name == "microadam_sr" and 1 in DIAL_LR_FACTORS)
+        n[kind(name)] += len(lr_factors) - (name == "microadam_sr" and 1 in lr_factors)
     return n
 
 
@@ -299,7 +311,7 @@ class Campaign:
     def pretrain(self, start: str) -> None:
         """The well-trained or weak start, fp32 weights, AdamW."""
         a, model = self.args, self.model
-        model.to(torch.float32)
+        convergence.cast_weights(model, torch.float32)
         model.load_state_dict(self.init)
         opt = convergence.make_optimizer("adamw", model, a.pretrain_lr, a.backend)
         steps = a.pretrain_steps if start == "well" else a.weak_steps
@@ -333,6 +345,45 @@ class Campaign:
             "curve": [r for r in curve if "eval_loss" in r], "seconds": self.elapsed()}
         del opt
         self.save()
+
+    def load_start(self, start: str) -> bool:
+        """The start from --starts, if kept there (its record must match this model)."""
+        folder = self.args.starts
+        path = folder and os.path.join(folder, f"{start}.pt")
+        if not (path and os.path.exists(path)):
+            return False
+        with open(os.path.join(folder, "starts.json")) as f:
+            record = json.load(f)[start]
+        made = {k: record.get(k) for k in ("size", "seq_len")}
+        if made != {"size": self.args.size, "seq_len": self.args.seq_len}:
+            raise SystemExit(f"--starts: {path} was made with {made}, not --size {self.args.size} "
+                             f"--seq-len {self.args.seq_len}")
+        state = torch.load(path, map_location="cpu")
+        if convergence.weights_checksum(state) != record["checksum"]:
+            raise SystemExit(f"--starts: {path} does not hold the weights its record names (checksum "
+                             f"{record['checksum']})")
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise SystemExit(f"--starts: {path} is not a start of --size {self.args.size}: {e}") from None
+        self.starts[start] = state
+        self.results["starts"][start] = {**record, "loaded": path}
+        print(f"[{self.elapsed():6.0f} s] {start} start loaded from {path}", flush=True)
+        return True
+
+    def keep_start(self, start: str) -> None:
+        """Saves a start just pre-trained into --starts (its weights, and its record in starts.json)."""
+        folder = self.args.starts
+        if not folder:
+            return
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self.starts[start], os.path.join(folder, f"{start}.pt"))
+        index = os.path.join(folder, "starts.json")
+        records = json.load(open(index)) if os.path.exists(index) else {}
+        records[start] = {**self.results["starts"][start], "size": self.args.size, "seq_len": self.args.seq_len,
+                          "pretrain_corpus": self.cargs.pretrain_corpus, "max_tokens": self.args.max_tokens}
+        with open(index, "w") as f:
+            json.dump(records, f, indent=1)
 
     def fine_tuning_pool(self):
         """Inline over this process's model, or the workers, given the starts through files."""
@@ -445,7 +496,7 @@ class Campaign:
                     yield 4, regime, f"microadam/alpha={alpha:g}", lr
             if regime == a.dial_regime:
                 for name in a.dial:
-                    for f in DIAL_LR_FACTORS:
+                    for f in a.dial_lr_factors:
                         yield 2, regime, name, lr * f
 
     def timed(self, pool, jobs: list[dict]) -> dict[str, list[float]]:
@@ -489,7 +540,7 @@ class Campaign:
     def fit_steps(self) -> None:
         """With a deadline: fewer fine-tuning steps where the plan would not fit (fitted_steps)."""
         a = self.args
-        counts = plan_counts(a.regimes, len(a.lrs), len(a.alphas), a.dial)
+        counts = plan_counts(a.regimes, len(a.lrs), len(a.alphas), a.dial, a.dial_lr_factors)
         steps = fitted_steps(a.finetune_steps, a.eval_every, a.deadline_s - self.elapsed(),
                              {k: self.pace_of(k) for k in counts}, counts, self.width, self.alone)
         if steps != a.finetune_steps:
@@ -543,9 +594,10 @@ class Campaign:
                     self.record(job, row)
 
     def plan(self) -> None:
-        self.pretrain("well")
-        if any(s == "weak" for _, s in self.args.regimes):
-            self.pretrain("weak")
+        for start in ("well", "weak")[:1 + any(s == "weak" for _, s in self.args.regimes)]:
+            if not self.load_start(start):
+                self.pretrain(start)
+                self.keep_start(start)
         pool = self.fine_tuning_pool()
         if self.args.deadline_s:
             if not self.past():

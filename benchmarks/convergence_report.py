@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from convergence_campaign import DIAL_LR_FACTORS, best_lr, done, gap, their_topk_block
+from convergence_campaign import best_lr, done, gap, their_topk_block
 
 if TYPE_CHECKING:
     from convergence_campaign import Campaign
@@ -48,7 +48,7 @@ def dial(camp: Campaign) -> dict:
     closest = min((d for d in rows if d["gap_to_best_adamw"] is not None), key=lambda d: d["gap_to_best_adamw"],
                   default=None)
     return {"weights": regime[0], "start": regime[1], "adamw": adamw and adamw.get("final_eval_loss"),
-            "lr_factors": list(DIAL_LR_FACTORS), "rows": rows, "cheapest_within": cheapest and cheapest["name"],
+            "lr_factors": list(camp.args.dial_lr_factors), "rows": rows, "cheapest_within": cheapest and cheapest["name"],
             "closest": closest and closest["name"]}
 
 
@@ -137,8 +137,9 @@ def header(camp: Campaign) -> list[str]:
 
 
 def dial_lines(d: dict) -> list[str]:
-    lines = [f"| dial ({d['weights']} weights, {d['start']} start): each setting at ours' best LR and 2x it, the "
-             "better counts | held-out loss by LR | best LR | held-out loss | gap to best AdamW | bytes/param "
+    at = " and ".join(f"{f:g}x" for f in d["lr_factors"])
+    lines = [f"| dial ({d['weights']} weights, {d['start']} start): each setting at {at} ours' best LR, the "
+             "best counts | held-out loss by LR | best LR | held-out loss | gap to best AdamW | bytes/param "
              "| vs m=10, 1% | frontier step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in d["rows"]:
         losses = ", ".join(f"{lr}: {_f(loss)}" for lr, loss in x["losses"].items()) or "-"

@@ -50,7 +50,7 @@ def build(cargs, threads: int, phases: tuple[str, ...] = ("finetune",)):
 def probe(runner, model, start: dict, name: str, lr: float, warm: int, steps: int) -> dict:
     """Seconds per step of `name` after `warm` steps, over `steps` steps that end on one evaluation
     (as a run's every eval_every steps do)."""
-    model.to(runner.dtype)
+    convergence.cast_weights(model, runner.dtype)
     model.load_state_dict(start)
     opt = convergence.make_optimizer(name, model, lr, runner.args.backend)
     runner.train(model, opt, "finetune", warm, "warm-up")

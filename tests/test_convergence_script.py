@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -72,6 +73,25 @@ def test_weights_checksum_sees_one_ulp():
     j = int(torch.randint(0, 11, (1,), generator=g))
     same["b.bias"][j] = torch.nextafter(same["b.bias"][j], torch.tensor(math.inf))
     assert convergence.weights_checksum(state) != convergence.weights_checksum(same)
+
+
+def test_a_fp32_run_after_a_bf16_one_gets_the_first_rotary_frequencies():
+    """The rotary frequencies are buffers no state_dict carries: model.to(bf16) rounds them,
+    and a later fp32 run must compute with the values the model was built with."""
+    import torch
+    model = convergence.common.build_model(None, "tiny", 259, seed=int.from_bytes(os.urandom(2), "little"))
+    first = {n: b.clone() for n, b in model.named_buffers()}
+    assert first and all(b.dtype == torch.float32 for b in first.values())
+    convergence.cast_weights(model, torch.float32)
+    convergence.cast_weights(model, torch.bfloat16)
+    assert all(b.dtype == torch.bfloat16 for _, b in model.named_buffers())
+    assert next(model.parameters()).dtype == torch.bfloat16
+    rounded = {n: b.float() for n, b in model.named_buffers()}
+    assert any(not torch.equal(rounded[n], first[n]) for n in first)  # what plain .to(float32) would give
+    convergence.cast_weights(model, torch.float32)
+    assert {n: b for n, b in model.named_buffers()}.keys() == first.keys()
+    for n, b in model.named_buffers():
+        assert b.dtype == torch.float32 and torch.equal(b, first[n]), n
 
 
 # -- the campaign (benchmarks/convergence_campaign.py) -------------------------------------
@@ -192,7 +212,7 @@ def test_tiny_campaign_in_two_workers_gives_the_serial_results(serial_campaign, 
     """Two worker processes run the runs of one process, with the same held-out curves; with a
     deadline, a probe times both optimizers side by side first."""
     _, serial = serial_campaign
-    res = _campaign(tmp_path, "--workers", "2", "--deadline-s", "600")
+    res = _campaign(tmp_path, "--workers", "2", "--deadline-s", "600", "--starts", str(tmp_path / "starts"))
     assert res["workers"] == 2 and res["probe"]["runs_side_by_side"] == 2
     assert set(res["probe"]["seconds_per_step"]) == {"adamw", "microadam"}
     assert res["starts"]["well"]["checksum"] == serial["starts"]["well"]["checksum"]
@@ -201,6 +221,36 @@ def test_tiny_campaign_in_two_workers_gives_the_serial_results(serial_campaign, 
         curve = [(c["step"], c["eval_loss"]) for c in r.get("curve", ()) if "eval_loss" in c]
         assert curve == [(c["step"], c["eval_loss"]) for c in serial["runs"][key].get("curve", ()) if "eval_loss" in c]
         assert r.get("final_eval_loss") == serial["runs"][key].get("final_eval_loss"), key
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_campaign_reuses_kept_starts(serial_campaign, tmp_path):
+    """--starts keeps each start a campaign pre-trained; a later campaign loads it instead of
+    pre-training (same weights, same fine-tunes) and refuses a start of another model."""
+    _, serial = serial_campaign
+    kept = tmp_path / "starts"
+    first = _campaign(tmp_path / "a", "--workers", "1", "--regimes", "fp32/well", "--starts", str(kept))
+    assert "loaded" not in first["starts"]["well"] and (kept / "well.pt").exists()
+    assert first["starts"]["well"]["checksum"] == serial["starts"]["well"]["checksum"]
+    res = _campaign(tmp_path / "b", "--workers", "1", "--regimes", "fp32/well", "--starts", str(kept),
+                    "--dial", "microadam/m=5/density=0.05", "--dial-lr-factors", "0.5,1")
+    well = res["starts"]["well"]
+    assert well["loaded"] == str(kept / "well.pt") and "weak" not in res["starts"]
+    assert well["checksum"] == serial["starts"]["well"]["checksum"]
+    assert {k: well[k] for k in ("steps", "last_fifth_gain", "size", "seq_len", "max_tokens")} == {
+        "steps": first["starts"]["well"]["steps"], "last_fifth_gain": first["starts"]["well"]["last_fifth_gain"],
+        "size": "tiny", "seq_len": 64, "max_tokens": 300_000}
+    for key in ("fp32/well/adamw@0.002", "fp32/well/microadam@0.002"):
+        assert res["runs"][key]["final_eval_loss"] == serial["runs"][key]["final_eval_loss"], key
+    best = res["tables"]["regimes"][0]["microadam_lr"]
+    dial = {x["name"]: x for x in res["tables"]["dial"]["rows"]}
+    assert sorted(float(lr) for lr in dial["microadam/m=5/density=0.05"]["losses"]) == [best / 2, best]
+    records = json.loads((kept / "starts.json").read_text())
+    records["well"]["size"] = "small"
+    (kept / "starts.json").write_text(json.dumps(records))
+    with pytest.raises(AssertionError, match=re.escape("was made with {'size': 'small', 'seq_len': 64}, not --size")):
+        _campaign(tmp_path / "c", "--workers", "1", "--regimes", "fp32/well", "--starts", str(kept))
 
 
 def test_campaign_takes_the_authors_topk_block_where_ours_can():
