@@ -250,6 +250,11 @@ def gap(row: dict | None, base: dict | None) -> float | None:
     return row["final_eval_loss"] / base["final_eval_loss"] - 1
 
 
+def save_state(state: dict, path: str) -> None:
+    """A start's weights, on the CPU (any process, with or without CUDA, can load them)."""
+    torch.save({k: v.cpu() for k, v in state.items()}, path)
+
+
 # -- the campaign ----------------------------------------------------------------------------
 
 class Campaign:
@@ -366,7 +371,7 @@ class Campaign:
             self.model.load_state_dict(state)
         except RuntimeError as e:
             raise SystemExit(f"--starts: {path} is not a start of --size {self.args.size}: {e}") from None
-        self.starts[start] = state
+        self.starts[start], self.start_paths[start] = state, path
         self.results["starts"][start] = {**record, "loaded": path}
         print(f"[{self.elapsed():6.0f} s] {start} start loaded from {path}", flush=True)
         return True
@@ -377,22 +382,28 @@ class Campaign:
         if not folder:
             return
         os.makedirs(folder, exist_ok=True)
-        torch.save(self.starts[start], os.path.join(folder, f"{start}.pt"))
+        self.start_paths[start] = os.path.join(folder, f"{start}.pt")
+        save_state(self.starts[start], self.start_paths[start])
         index = os.path.join(folder, "starts.json")
-        records = json.load(open(index)) if os.path.exists(index) else {}
+        records = {}
+        if os.path.exists(index):
+            with open(index) as f:
+                records = json.load(f)
         records[start] = {**self.results["starts"][start], "size": self.args.size, "seq_len": self.args.seq_len,
                           "pretrain_corpus": self.cargs.pretrain_corpus, "max_tokens": self.args.max_tokens}
         with open(index, "w") as f:
             json.dump(records, f, indent=1)
 
     def fine_tuning_pool(self):
-        """Inline over this process's model, or the workers, given the starts through files."""
+        """Inline over this process's model, or the workers, given the starts through files
+        (those of --starts, else a temporary folder's)."""
         if self.pool is None:
             return workers.Inline(self.runner, self.model, self.starts, self.args.threads)
-        self.tmp = tempfile.mkdtemp(prefix="campaign_starts_")
         for name, state in self.starts.items():
-            self.start_paths[name] = os.path.join(self.tmp, f"{name}.pt")
-            torch.save({k: v.cpu() for k, v in state.items()}, self.start_paths[name])
+            if name not in self.start_paths:
+                self.tmp = self.tmp or tempfile.mkdtemp(prefix="campaign_starts_")
+                self.start_paths[name] = os.path.join(self.tmp, f"{name}.pt")
+                save_state(state, self.start_paths[name])
         self.starts.clear()
         self.model = self.init = None  # the workers have their own
         if self.runner.cuda:
@@ -559,7 +570,7 @@ class Campaign:
                 return
             heapq.heappop(queued)
             if why:
-                self.record(job, {"label": convergence.optimizer_spec(job["name"])["label"], "skipped": why})
+                self.record(job, workers.skipped(job["name"], why))
             else:
                 self.submit(pool, job)
 

@@ -19,7 +19,7 @@ WITHIN = 0.02  # the dial's target: held-out loss within 2% of the best AdamW's
 
 
 def dial(camp: Campaign) -> dict:
-    """The dial's settings in its regime, each with the better of its LRs, sorted by state bytes
+    """The dial's settings in its regime, each at its best LR, sorted by state bytes
     per parameter (settings without a finished run last); the cheapest within WITHIN of the best
     AdamW, and the steps of the frontier (each setting better than every cheaper one)."""
     regime = tuple(camp.args.dial_regime)

@@ -38,6 +38,11 @@ def kind(name: str) -> str:
     return name.split("/")[0]
 
 
+def skipped(name: str, why: str, **extra) -> dict:
+    """The row of a run of `name` that did not run or did not finish, saying why."""
+    return {"label": convergence.optimizer_spec(name)["label"], "skipped": why, **extra}
+
+
 def build(cargs, threads: int, phases: tuple[str, ...] = ("finetune",)):
     """(runner, model) of one process; the model is rebuilt from the seed, then each run loads a start."""
     torch.set_num_threads(threads)
@@ -79,8 +84,7 @@ def execute(runner, model, starts: dict, job: dict) -> dict:
                 row = convergence.finetune(runner, model, starts[job["start"]], name, job["steps"], lr=job["lr"])
         except Exception as exc:  # one failed row (e.g. the authors' kernels) ends no campaign
             traceback.print_exc()
-            row = {"label": convergence.optimizer_spec(name)["label"], "skipped": f"failed: {exc!r}"[:400],
-                   "failed": True}
+            row = skipped(name, f"failed: {exc!r}"[:400], failed=True)
     if "curve" in row:
         row["curve"] = [r for r in row["curve"] if "eval_loss" in r or r["step"] % 10 == 0]
     if caught:
@@ -219,8 +223,7 @@ class Workers:
         for i in dead:
             code, job = self.procs[i].exitcode, self.jobs[i]
             if job is not None:
-                out.append((job, {"label": convergence.optimizer_spec(job["name"])["label"],
-                                  "skipped": f"failed: its worker process exited ({code})"}))
+                out.append((job, skipped(job["name"], f"failed: its worker process exited ({code})")))
             replace = self.up[i] and self.spares > 0
             self.procs[i], self.jobs[i] = None, None
             if replace:
@@ -236,8 +239,7 @@ class Workers:
                 self.procs[i].terminate()
                 self.procs[i].join(5)
                 self.procs[i], self.jobs[i] = None, None
-                out.append((job, {"label": convergence.optimizer_spec(job["name"])["label"],
-                                  "skipped": "cut off at the deadline"}))
+                out.append((job, skipped(job["name"], "cut off at the deadline")))
         return out
 
     def close(self) -> None:
