@@ -95,6 +95,9 @@ def parse_args(argv=None):
                     help="with --deadline-s: no tail step of the well-trained start past this share of it")
     ap.add_argument("--weak-steps", type=int, default=300, help="the weakly trained start's schedule")
     ap.add_argument("--finetune-steps", type=int, default=400)
+    ap.add_argument("--finetune-seed", type=int, default=0,
+                    help="the fine-tuning batches' seed; the starts keep theirs, so a second value repeats "
+                         "every row from the same starts on other data")
     ap.add_argument("--lrs", default="5e-4,1e-3,2e-3", help="the fine-tuning LR grid, every optimizer")
     ap.add_argument("--alphas", default="0.01,0.1")
     ap.add_argument("--regimes", default=",".join(f"{w}/{s}" for w, s in REGIMES),
@@ -265,7 +268,7 @@ class Campaign:
         self.t0 = time.monotonic()
         self.cargs = convergence.parse_args(["--size", args.size, "--optimizers", "adamw"])
         for k in ("batch", "seq_len", "eval_every", "eval_windows", "max_tokens", "backend", "ista_src",
-                  "no_progress", "pretrain_lr"):
+                  "no_progress", "pretrain_lr", "finetune_seed"):
             setattr(self.cargs, k, getattr(args, k))
         cuda = torch.cuda.is_available()
         self.gate = workers.Gate(args.backend, torch.device("cuda" if cuda else "cpu"), args.ista_src)

@@ -127,7 +127,7 @@ def header(camp: Campaign) -> list[str]:
             + f" with {probe['runs_side_by_side']} runs side by side" if probe else "")
     return [f"Model {a.size} ({r['params'] / 1e6:.1f} M-parameter byte-level Llama) on {r['device']}; pre-trained on "
             f"'{r['pretrain_corpus']}', fine-tuned on '{r['finetune_corpus']}' for {steps} steps of "
-            f"{a.batch}x{a.seq_len} tokens"
+            f"{a.batch}x{a.seq_len} tokens (batch seed {a.finetune_seed})"
             + (f" (asked: {asked}; fewer to fit the deadline)" if steps != asked else "")
             + "; held-out loss at the end. Fine-tunes: " + (f"{r['workers']} processes side by side"
                                                              if r["workers"] > 1 else "1 process")

@@ -227,7 +227,8 @@ def test_tiny_campaign_in_two_workers_gives_the_serial_results(serial_campaign, 
 @pytest.mark.timeout(300)
 def test_campaign_reuses_kept_starts(serial_campaign, tmp_path):
     """--starts keeps each start a campaign pre-trained; a later campaign loads it instead of
-    pre-training (same weights, same fine-tunes) and refuses a start of another model."""
+    pre-training (same weights, same fine-tunes; other batches under another --finetune-seed)
+    and refuses a start of another model."""
     _, serial = serial_campaign
     kept = tmp_path / "starts"
     first = _campaign(tmp_path / "a", "--workers", "1", "--regimes", "fp32/well", "--starts", str(kept))
@@ -246,6 +247,12 @@ def test_campaign_reuses_kept_starts(serial_campaign, tmp_path):
     best = res["tables"]["regimes"][0]["microadam_lr"]
     dial = {x["name"]: x for x in res["tables"]["dial"]["rows"]}
     assert sorted(float(lr) for lr in dial["microadam/m=5/density=0.05"]["losses"]) == [best / 2, best]
+    other = _campaign(tmp_path / "d", "--workers", "1", "--regimes", "fp32/well", "--starts", str(kept),
+                      "--dial", "", "--finetune-seed", "1")
+    assert other["starts"]["well"]["checksum"] == well["checksum"]
+    for key in ("fp32/well/adamw@0.002", "fp32/well/microadam@0.002"):
+        assert other["runs"][key]["final_eval_loss"] != res["runs"][key]["final_eval_loss"], key
+    assert "(batch seed 1)" in (tmp_path / "d" / "campaign.md").read_text()
     records = json.loads((kept / "starts.json").read_text())
     records["well"]["size"] = "small"
     (kept / "starts.json").write_text(json.dumps(records))
