@@ -14,7 +14,9 @@ their place, and `make` sets the interval past any run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -34,13 +36,27 @@ class Unavailable(RuntimeError):
     """The authors' MicroAdam cannot run here; the message says why."""
 
 
-def stand_in(name: str) -> None:
-    """An empty module `name` where none is installed (logging-only imports of the package)."""
-    if name not in sys.modules and importlib.util.find_spec(name) is None:
-        module = types.ModuleType(name)
-        module.log = lambda *a, **k: None
-        module.new_query = lambda *a, **k: types.SimpleNamespace(gpus=[])
-        sys.modules[name] = module
+@contextlib.contextmanager
+def stand_ins(*names: str):
+    """Empty modules `names` where none is installed, for the import of the package only.
+
+    The package binds them at import time; taking them out of sys.modules afterwards keeps
+    them from other libraries' probes (accelerate's `find_spec("wandb")`, reached when
+    transformers is imported later in the same process, raises on a module without a spec)."""
+    added = []
+    for name in names:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            module.log = lambda *a, **k: None
+            module.new_query = lambda *a, **k: types.SimpleNamespace(gpus=[])
+            sys.modules[name] = module
+            added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 def build_extensions(src: str | None) -> None:
@@ -82,8 +98,6 @@ def load(src: str | None = None):
 
 def _load(src: str | None):
     build_extensions(src)
-    for name in ("wandb", "gpustat"):
-        stand_in(name)
     if PACKAGE not in sys.modules:
         spec = importlib.util.find_spec(PACKAGE) if not src else None
         where = list(spec.submodule_search_locations) if spec else [os.path.join(src or "", PACKAGE)]
@@ -93,7 +107,8 @@ def _load(src: str | None):
         package.__path__ = where
         sys.modules[PACKAGE] = package
     try:
-        return importlib.import_module(f"{PACKAGE}.micro_adam.micro_adam").MicroAdam
+        with stand_ins("wandb", "gpustat"):
+            return importlib.import_module(f"{PACKAGE}.micro_adam.micro_adam").MicroAdam
     except ImportError as exc:
         raise Unavailable(f"importing its micro_adam module failed: {exc}") from exc
 

@@ -25,19 +25,17 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
 import statistics
-import sys
 import time
-import types
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+import authors_microadam
 from step_bench import llama_shapes
 
 LR, M, DENSITY = 1e-4, 10, 0.01
@@ -78,21 +76,10 @@ def _torchao(cls: str):
     return load
 
 
-def _stand_in(name: str) -> None:
-    """The authors' package imports wandb and gpustat only to log (every 100 steps, past the
-    steps timed here): an empty stand-in where one is not installed."""
-    if name not in sys.modules and importlib.util.find_spec(name) is None:
-        module = types.ModuleType(name)
-        module.log = lambda *a, **k: None
-        module.new_query = lambda *a, **k: types.SimpleNamespace(gpus=[])
-        sys.modules[name] = module
-
-
 def _authors(quant_block: int):
     def load():
-        for name in ("wandb", "gpustat"):
-            _stand_in(name)
-        from ista_daslab_optimizers import MicroAdam
+        with authors_microadam.stand_ins("wandb", "gpustat"):  # imported only to log
+            from ista_daslab_optimizers import MicroAdam
         return lambda params, wd: MicroAdam(params, m=M, lr=LR, quant_block_size=quant_block,
                                             k_init=DENSITY, weight_decay=wd)
     return load

@@ -137,6 +137,27 @@ def test_authors_row_says_why_it_cannot_run_here():
             authors_microadam.load()
 
 
+def test_authors_stand_ins_serve_their_import_only(tmp_path, monkeypatch):
+    """A module importing wandb and gpustat at its top imports under the stand-ins and keeps
+    them; afterwards a probe of either (as accelerate makes when transformers is imported in
+    the same process) finds nothing and does not raise."""
+    import importlib
+    import importlib.util
+    import authors_microadam
+    missing = [n for n in ("wandb", "gpustat") if importlib.util.find_spec(n) is None]
+    if not missing:
+        pytest.skip("wandb and gpustat are both installed: no stand-in is made")
+    name = f"logs_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text("import wandb\nimport gpustat\ndef log(x):\n    wandb.log(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with authors_microadam.stand_ins("wandb", "gpustat"):
+        module = importlib.import_module(name)
+    assert module.log({"loss": 1.0}) is None
+    for n in missing:
+        assert n not in sys.modules
+        assert importlib.util.find_spec(n) is None
+
+
 SMALL = ["--tiny", "--no-progress", "--backend", "reference", "--pretrain-steps", "16", "--pretrain-cap", "24",
          "--finetune-steps", "8", "--threads", "1", "--dial", "microadam/m=5/density=0.05,microadam_sr"]
 
