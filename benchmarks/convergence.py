@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -223,7 +222,7 @@ class Runner:
         rows, t0 = [], time.perf_counter()
         bar = tqdm(range(first, first + steps), desc=desc, disable=a.no_progress, dynamic_ncols=True, mininterval=2)
         # Seeded by the phase and step only: every optimizer sees the same batches.
-        seed = a.seed if phase == "pretrain" else (a.seed if a.finetune_seed is None else a.finetune_seed) + 1
+        seed = a.seed if phase == "pretrain" else finetune_seed(a) + 1
         for step in bar:
             for g, lr in zip(opt.param_groups, base):
                 g["lr"] = lr * lr_at(step)
@@ -302,6 +301,11 @@ def summarize(results: dict) -> None:
         rel = f"{100 * (r['final_eval_loss'] / base['final_eval_loss'] - 1):+.2f}%" if base else "-"
         print(f"{r['label']:<38} {r['final_eval_loss']:>15.4f} {rel:>9} {r['state_bytes_per_param']:>14.3f} "
               f"{r['seconds_per_step']:>7.3f}")
+
+
+def finetune_seed(args) -> int:
+    """The seed of the fine-tuning batches and of a fine-tune's RNG (--finetune-seed, else --seed)."""
+    return args.seed if args.finetune_seed is None else args.finetune_seed
 
 
 def cast_weights(model, dtype: torch.dtype) -> None:

@@ -205,7 +205,7 @@ def last_fifth_gain(curve: list[dict]) -> float | None:
     return (before[-1] - end) / before[-1] if before else None
 
 
-def plan_counts(regimes, n_lrs: int, alphas: int, dial, lr_factors=(1.0, 2.0)) -> dict[str, int]:
+def plan_counts(regimes, n_lrs: int, alphas: int, dial, lr_factors) -> dict[str, int]:
     """Runs of the plan by kind, with EDGE_STEPS runs beyond an edge per grid optimizer (the
     dial's microadam_sr at ours' best LR is the regime's stochastic-EF row)."""
     n = dict.fromkeys(PACE_GUESS, 0)

@@ -77,7 +77,7 @@ def execute(runner, model, starts: dict, job: dict) -> dict:
         try:
             if job["start"] not in starts:
                 starts[job["start"]] = torch.load(job["start_path"], map_location=runner.device)
-            torch.manual_seed(a.seed if a.finetune_seed is None else a.finetune_seed)
+            torch.manual_seed(convergence.finetune_seed(a))
             if job.get("probe"):
                 row = probe(runner, model, starts[job["start"]], name, job["lr"], job["warm"], job["steps"])
             else:

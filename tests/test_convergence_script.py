@@ -189,7 +189,7 @@ def test_tiny_campaign_writes_the_regime_table(serial_campaign, tmp_path):
             assert math.isfinite(r["final_eval_loss"]), key
     lrs = res["args"]["lrs"]
     dial = res["args"]["dial"]
-    counts = campaign.plan_counts(campaign.REGIMES, len(lrs), 1, dial)
+    counts = campaign.plan_counts(campaign.REGIMES, len(lrs), 1, dial, res["args"]["dial_lr_factors"])
     counts["adamw"] -= campaign.EDGE_STEPS
     counts["microadam"] -= campaign.EDGE_STEPS + 1  # no run at the authors' top-k block without their rows
     beyond = [r for r in runs.values() if r["name"] in ("adamw", "microadam") and r["lr"] not in lrs]
@@ -308,7 +308,8 @@ def test_campaign_fits_its_fine_tunes_before_the_deadline(workers, alone):
 
 
 def test_campaign_counts_the_runs_of_its_plan():
-    n = campaign.plan_counts([("bf16", "well"), ("fp32", "weak")], 3, 2, ["microadam/density=0.1", "microadam_sr"])
+    n = campaign.plan_counts([("bf16", "well"), ("fp32", "weak")], 3, 2, ["microadam/density=0.1", "microadam_sr"],
+                              (1.0, 2.0))
     # grids 3 + 3 and two LRs beyond an edge each; ours: top-k block (bf16, well), 2 alphas
     # (fp32, weak), the dial's density at 2 LRs; the stochastic EF row per regime and the
     # dial's at twice ours' LR; the authors' at 3 LRs (bf16, well).
